@@ -1,0 +1,4 @@
+//! The command line (stub; being written).
+pub fn main() -> std::process::ExitCode {
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,794 @@
+//! Typed, layered configuration: built-in defaults, then a TOML file, then `FLAGRELAY_`
+//! environment variables (`FLAGRELAY_<SECTION>__<KEY>`, e.g. `FLAGRELAY_GRAPH__CLIENT_ID`).
+//!
+//! Secrets are held in [`SecretString`] (never printed) and can be given inline, through the
+//! environment, or as a path in the matching `*_file` key. [`Config::load`] validates every
+//! value and names the offending key when it refuses one.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::message::{Signer, Verifier};
+use crate::proofpoint::OrgAccess;
+use crate::queue::QueueSettings;
+
+/// The top-level sections; environment variables outside them are ignored (so that
+/// `FLAGRELAY_CONFIG` or test variables do not trip the unknown-key check).
+const SECTIONS: &[&str] = &[
+    "receiver",
+    "graph",
+    "proofpoint",
+    "tenants",
+    "amqp",
+    "signing",
+    "worker",
+    "log",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("could not read `{key}` from file {path}: {source}")]
+    SecretFile {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub receiver: ReceiverConfig,
+    pub graph: GraphConfig,
+    pub proofpoint: ProofpointConfig,
+    /// The Entra tenants served, each mapped to its Proofpoint organization.
+    pub tenants: Vec<TenantConfig>,
+    pub amqp: AmqpConfig,
+    pub signing: SigningConfig,
+    pub worker: WorkerConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            receiver: ReceiverConfig::default(),
+            graph: GraphConfig::default(),
+            proofpoint: ProofpointConfig::default(),
+            tenants: Vec::new(),
+            amqp: AmqpConfig::default(),
+            signing: SigningConfig::default(),
+            worker: WorkerConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiverConfig {
+    /// Address the webhook listens on.
+    pub listen: SocketAddr,
+    /// Public https base URL Graph reaches the receiver at (used to build subscription URLs).
+    pub public_url: Option<Url>,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Largest number of items in one notification collection; more gets 413.
+    pub max_items: usize,
+    /// `Retry-After` sent with 503 when the broker cannot take the batch.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Time allowed to read a whole request (slow clients are cut off with 408).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid default"),
+            public_url: None,
+            max_body_bytes: 1024 * 1024,
+            max_items: 1000,
+            retry_after: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GraphConfig {
+    /// Entra authority (national clouds and simulators use other hosts).
+    pub authority_url: Url,
+    /// Graph API base including the version segment.
+    pub api_url: Url,
+    /// Application (client) id of the Entra app registration.
+    pub client_id: String,
+    #[serde(skip_serializing)]
+    pub client_secret: Option<SecretString>,
+    pub client_secret_file: Option<PathBuf>,
+    /// Shared secret Graph echoes in every notification's `clientState` (at most 128 chars).
+    #[serde(skip_serializing)]
+    pub client_state: Option<SecretString>,
+    pub client_state_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for GraphConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphConfig")
+            .field("authority_url", &self.authority_url.as_str())
+            .field("api_url", &self.api_url.as_str())
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for GraphConfig {
+    fn default() -> Self {
+        Self {
+            authority_url: "https://login.microsoftonline.com"
+                .parse()
+                .expect("valid default"),
+            api_url: "https://graph.microsoft.com/v1.0"
+                .parse()
+                .expect("valid default"),
+            client_id: String::new(),
+            client_secret: None,
+            client_secret_file: None,
+            client_state: None,
+            client_state_file: None,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl GraphConfig {
+    pub fn client_secret(&self) -> &SecretString {
+        self.client_secret
+            .as_ref()
+            .expect("resolved by Config::validate")
+    }
+
+    pub fn client_state(&self) -> &SecretString {
+        self.client_state
+            .as_ref()
+            .expect("resolved by Config::validate")
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProofpointConfig {
+    /// `https://{us1..us5,eu1}.proofpointessentials.com/api/v1`, or a simulator.
+    pub base_url: Url,
+    /// Admin (organization or partner) e-mail sent as `X-User`.
+    pub username: String,
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    pub password_file: Option<PathBuf>,
+    /// Client-side rate limit per organization (Proofpoint's limits are undocumented).
+    pub requests_per_second: u32,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for ProofpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProofpointConfig")
+            .field("base_url", &self.base_url.as_str())
+            .field("username", &self.username)
+            .field("requests_per_second", &self.requests_per_second)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ProofpointConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://us1.proofpointessentials.com/api/v1"
+                .parse()
+                .expect("valid default"),
+            username: String::new(),
+            password: None,
+            password_file: None,
+            requests_per_second: 5,
+            request_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Entra tenant id (GUID).
+    pub id: String,
+    /// The Proofpoint Essentials organization's primary domain.
+    pub org_domain: String,
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:5672/vhost`. Absent: `run` and `demo` use the embedded,
+    /// non-durable queue; `serve` and `work` refuse to start. Secret: it holds a password.
+    #[serde(skip_serializing)]
+    pub url: Option<SecretString>,
+    pub url_file: Option<PathBuf>,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Number of shard queues (per-user serialization unit). Drain before changing.
+    pub shards: u16,
+    /// Unacknowledged deliveries per shard consumer.
+    pub prefetch: u16,
+    /// Publish + confirm deadline.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Retry delay tiers (one queue each), ascending.
+    #[serde(with = "duration_list")]
+    pub retry_tiers: Vec<Duration>,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field(
+                "url",
+                &self.url.as_ref().map(|u| redact_url(u.expose_secret())),
+            )
+            .field("prefix", &self.prefix)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        let q = QueueSettings::with_prefix("flagrelay");
+        Self {
+            url: None,
+            url_file: None,
+            prefix: q.prefix,
+            shards: 8,
+            prefetch: q.prefetch,
+            publish_timeout: q.publish_timeout,
+            retry_tiers: [1, 5, 30, 120, 600]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+        }
+    }
+}
+
+impl AmqpConfig {
+    pub fn queue_settings(&self) -> QueueSettings {
+        QueueSettings {
+            prefix: self.prefix.clone(),
+            shards: self.shards,
+            retry_tiers: self.retry_tiers.clone(),
+            publish_timeout: self.publish_timeout,
+            prefetch: self.prefetch,
+        }
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    /// Id of the key new messages are signed with.
+    pub key_id: String,
+    #[serde(skip_serializing)]
+    pub key: Option<SecretString>,
+    pub key_file: Option<PathBuf>,
+    /// Older keys still accepted for verification during a rotation (id → key).
+    #[serde(skip_serializing)]
+    pub previous_keys: BTreeMap<String, SecretString>,
+}
+
+impl std::fmt::Debug for SigningConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningConfig")
+            .field("key_id", &self.key_id)
+            .field(
+                "previous_key_ids",
+                &self.previous_keys.keys().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        Self {
+            key_id: "k1".into(),
+            key: None,
+            key_file: None,
+            previous_keys: BTreeMap::new(),
+        }
+    }
+}
+
+impl SigningConfig {
+    pub fn signer(&self) -> Signer {
+        Signer::new(
+            self.key_id.clone(),
+            self.key.clone().expect("resolved by Config::validate"),
+        )
+    }
+
+    pub fn verifier(&self) -> Verifier {
+        let current = (
+            self.key_id.clone(),
+            self.key.clone().expect("resolved by Config::validate"),
+        );
+        Verifier::new(std::iter::once(current).chain(self.previous_keys.clone()))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Messages processed at once per worker process.
+    pub concurrency: usize,
+    /// Attempts (first try included) before a transient failure is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, with ±20 % jitter, capped at `backoff_max`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Compute and publish decisions without writing to Proofpoint.
+    pub dry_run: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_attempts: 8,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(600),
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter, e.g. `info,flagrelay=debug`; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            filter: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (when given), then the environment; then [`Config::validate`].
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(fig.merge(env_provider()))
+    }
+
+    /// Parse a TOML document (plus the environment): used by tests and `config check`.
+    pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));
+        Self::from_figment(fig)
+    }
+
+    fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
+        let mut cfg: Config = fig.extract().map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Resolve `*_file` secrets and check every value; errors name the key.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        resolve_secret(
+            "graph.client_secret",
+            &mut self.graph.client_secret,
+            &self.graph.client_secret_file,
+        )?;
+        resolve_secret(
+            "graph.client_state",
+            &mut self.graph.client_state,
+            &self.graph.client_state_file,
+        )?;
+        resolve_secret(
+            "proofpoint.password",
+            &mut self.proofpoint.password,
+            &self.proofpoint.password_file,
+        )?;
+        resolve_secret("signing.key", &mut self.signing.key, &self.signing.key_file)?;
+        if self.amqp.url.is_none() && self.amqp.url_file.is_some() {
+            resolve_secret("amqp.url", &mut self.amqp.url, &self.amqp.url_file)?;
+        }
+
+        require_http("graph.authority_url", &self.graph.authority_url)?;
+        require_http("graph.api_url", &self.graph.api_url)?;
+        require_http("proofpoint.base_url", &self.proofpoint.base_url)?;
+        if let Some(u) = &self.receiver.public_url {
+            require_http("receiver.public_url", u)?;
+        }
+        if self.graph.client_id.trim().is_empty() {
+            return Err(invalid(
+                "graph.client_id",
+                "is required (the Entra app registration's client id)",
+            ));
+        }
+        let state_len = self.graph.client_state().expose_secret().chars().count();
+        if !(16..=128).contains(&state_len) {
+            return Err(invalid(
+                "graph.client_state",
+                "must be 16 to 128 characters (Graph allows at most 128)",
+            ));
+        }
+        if self.proofpoint.username.trim().is_empty() || !self.proofpoint.username.contains('@') {
+            return Err(invalid(
+                "proofpoint.username",
+                "must be the Proofpoint admin's e-mail address",
+            ));
+        }
+        if self.proofpoint.requests_per_second == 0 {
+            return Err(invalid(
+                "proofpoint.requests_per_second",
+                "must be at least 1",
+            ));
+        }
+        if self
+            .signing
+            .key
+            .as_ref()
+            .expect("resolved")
+            .expose_secret()
+            .len()
+            < 32
+        {
+            return Err(invalid(
+                "signing.key",
+                "must be at least 32 characters (use a random string)",
+            ));
+        }
+        if self.signing.key_id.trim().is_empty() {
+            return Err(invalid("signing.key_id", "must not be empty"));
+        }
+        for (id, key) in &self.signing.previous_keys {
+            if key.expose_secret().len() < 32 {
+                return Err(invalid(
+                    format!("signing.previous_keys.{id}"),
+                    "must be at least 32 characters",
+                ));
+            }
+        }
+        if self.tenants.is_empty() {
+            return Err(invalid(
+                "tenants",
+                "at least one [[tenants]] entry (id, org_domain) is required",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            if t.id.trim().is_empty() {
+                return Err(invalid(format!("tenants[{i}].id"), "must not be empty"));
+            }
+            if !seen.insert(t.id.to_ascii_lowercase()) {
+                return Err(invalid(
+                    format!("tenants[{i}].id"),
+                    format!("tenant {} is listed twice", t.id),
+                ));
+            }
+            if !t.org_domain.contains('.') || t.org_domain.contains('/') {
+                return Err(invalid(
+                    format!("tenants[{i}].org_domain"),
+                    "must be a domain such as example.com",
+                ));
+            }
+        }
+        if let Some(url) = &self.amqp.url {
+            let parsed = Url::parse(url.expose_secret())
+                .map_err(|_| invalid("amqp.url", "is not a valid URL"))?;
+            if !matches!(parsed.scheme(), "amqp" | "amqps") {
+                return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+            }
+        }
+        if self.amqp.prefix.is_empty()
+            || !self
+                .amqp
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                "amqp.prefix",
+                "must be non-empty and use only letters, digits, '-', '_', '.'",
+            ));
+        }
+        if self.amqp.shards == 0 || self.amqp.shards > 256 {
+            return Err(invalid("amqp.shards", "must be between 1 and 256"));
+        }
+        if self.amqp.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        if self.amqp.retry_tiers.is_empty()
+            || !self.amqp.retry_tiers.windows(2).all(|w| w[0] < w[1])
+        {
+            return Err(invalid(
+                "amqp.retry_tiers",
+                "must be a non-empty, strictly ascending list of durations",
+            ));
+        }
+        if self.receiver.max_body_bytes < 1024 {
+            return Err(invalid("receiver.max_body_bytes", "must be at least 1024"));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(invalid("worker.concurrency", "must be at least 1"));
+        }
+        if self.worker.max_attempts == 0 {
+            return Err(invalid("worker.max_attempts", "must be at least 1"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// The tenant entry for an Entra tenant id (case-insensitive, as GUIDs are).
+    pub fn tenant(&self, tenant_id: &str) -> Option<&TenantConfig> {
+        self.tenants
+            .iter()
+            .find(|t| t.id.eq_ignore_ascii_case(tenant_id))
+    }
+
+    /// How to reach the Proofpoint organization of a tenant.
+    pub fn org_access(&self, tenant: &TenantConfig) -> OrgAccess {
+        OrgAccess {
+            domain: tenant.org_domain.clone(),
+            base_url: self.proofpoint.base_url.clone(),
+            username: self.proofpoint.username.clone(),
+            password: self
+                .proofpoint
+                .password
+                .clone()
+                .expect("resolved by Config::validate"),
+        }
+    }
+}
+
+fn env_provider() -> Env {
+    Env::prefixed("FLAGRELAY_")
+        .split("__")
+        .filter(|key| SECTIONS.contains(&key.as_str().split('.').next().unwrap_or("")))
+}
+
+fn resolve_secret(
+    key: &str,
+    value: &mut Option<SecretString>,
+    file: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    match (value.as_ref(), file) {
+        (Some(_), Some(_)) => Err(invalid(
+            key,
+            format!("give either `{key}` or `{key}_file`, not both"),
+        )),
+        (Some(v), None) if v.expose_secret().trim().is_empty() => {
+            Err(invalid(key, "must not be empty"))
+        }
+        (Some(_), None) => Ok(()),
+        (None, Some(path)) => {
+            let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                key: format!("{key}_file"),
+                path: path.clone(),
+                source,
+            })?;
+            let trimmed = raw.trim_end_matches(['\n', '\r']).to_owned();
+            if trimmed.is_empty() {
+                return Err(invalid(
+                    format!("{key}_file"),
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            *value = Some(SecretString::from(trimmed));
+            Ok(())
+        }
+        (None, None) => Err(invalid(
+            key,
+            format!("is required (inline, FLAGRELAY_ env, or `{key}_file`)"),
+        )),
+    }
+}
+
+fn require_http(key: &str, url: &Url) -> Result<(), ConfigError> {
+    if matches!(url.scheme(), "http" | "https") && url.has_host() {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("must be an http(s) URL, got {url}")))
+    }
+}
+
+/// A list of humantime durations (`["1s", "5m"]`).
+mod duration_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// `amqp://user:***@host/vhost`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable url>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+        [graph]
+        client_id = "app-id"
+        client_secret = "graph-secret-value"
+        client_state = "client-state-at-least-16"
+        [proofpoint]
+        username = "admin@example.com"
+        password = "pp-password-value"
+        [signing]
+        key = "0123456789abcdef0123456789abcdef"
+        [[tenants]]
+        id = "11111111-1111-1111-1111-111111111111"
+        org_domain = "example.com"
+    "#;
+
+    fn with(extra: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(&format!("{VALID}\n{extra}"))
+    }
+
+    fn key_of(err: ConfigError) -> String {
+        match err {
+            ConfigError::Invalid { key, .. } => key,
+            other => format!("{other}"),
+        }
+    }
+
+    #[test]
+    fn valid_minimal_file_loads_with_defaults() {
+        let c = Config::from_toml_str(VALID).unwrap();
+        assert_eq!(c.amqp.prefix, "flagrelay");
+        assert!(c.amqp.url.is_none());
+        assert!(c.tenant("11111111-1111-1111-1111-111111111111").is_some());
+        assert!(c.tenant("22222222-1111-1111-1111-111111111111").is_none());
+    }
+
+    #[test]
+    fn invalid_values_are_refused_naming_the_key() {
+        let cases = [
+            ("[amqp]\nshards = 0", "amqp.shards"),
+            ("[amqp]\nurl = \"http://nope\"", "amqp.url"),
+            ("[amqp]\nprefix = \"bad prefix\"", "amqp.prefix"),
+            ("[receiver]\nmax_body_bytes = 10", "receiver.max_body_bytes"),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            (
+                "[[tenants]]\nid = \"11111111-1111-1111-1111-111111111111\"\norg_domain = \"x.com\"",
+                "tenants[1].id",
+            ),
+        ];
+        for (extra, key) in cases {
+            let err = with(extra).expect_err(extra);
+            assert_eq!(key_of(err), key, "{extra}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_refused_with_the_key_named() {
+        let err = with("[worker]\nconcurency = 3").unwrap_err().to_string();
+        assert!(err.contains("concurency"), "{err}");
+        let err = with("[worker]\nbackoff_base = \"soon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backoff_base"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_from_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "from-a-file-secret\n").unwrap();
+        let toml = VALID.replace(
+            "password = \"pp-password-value\"",
+            &format!("password_file = {:?}", path.display().to_string()),
+        );
+        let c = Config::from_toml_str(&toml).unwrap();
+        assert_eq!(
+            c.proofpoint.password.as_ref().unwrap().expose_secret(),
+            "from-a-file-secret"
+        );
+        let debug = format!("{c:?}");
+        for secret in [
+            "from-a-file-secret",
+            "graph-secret-value",
+            "client-state-at-least-16",
+            "0123456789abcdef",
+        ] {
+            assert!(!debug.contains(secret), "{secret} leaked in {debug}");
+        }
+    }
+
+    #[test]
+    fn missing_secret_and_both_forms_are_refused() {
+        let toml = VALID.replace("client_secret = \"graph-secret-value\"", "");
+        assert_eq!(
+            key_of(Config::from_toml_str(&toml).unwrap_err()),
+            "graph.client_secret"
+        );
+        let toml = VALID.replace(
+            "client_secret = \"graph-secret-value\"",
+            "client_secret = \"x\"\nclient_secret_file = \"/nonexistent\"",
+        );
+        assert_eq!(
+            key_of(Config::from_toml_str(&toml).unwrap_err()),
+            "graph.client_secret"
+        );
+    }
+
+    #[test]
+    fn redacts_amqp_passwords() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@localhost:5672/%2f"),
+            "amqp://guest:***@localhost:5672/%2f"
+        );
+    }
+}

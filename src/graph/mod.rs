@@ -1,0 +1,200 @@
+//! The Microsoft Graph seam: the [`GraphApi`] trait, the user model flagrelay reads, and the
+//! error type that knows what is worth retrying. [`client::GraphClient`] is the HTTP
+//! implementation (app-only tokens by client credentials, cached per tenant).
+
+pub mod client;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Properties the worker selects on `GET /users/{id}`. `accountEnabled` and `proxyAddresses`
+/// only come back when selected.
+pub const USER_SELECT: &[&str] = &[
+    "id",
+    "accountEnabled",
+    "userPrincipalName",
+    "mail",
+    "proxyAddresses",
+    "userType",
+    "department",
+    "companyName",
+    "employeeType",
+    "employeeLeaveDateTime",
+    "onPremisesExtensionAttributes",
+];
+
+/// A Graph user as flagrelay reads it. Absent properties (not selected, or unset) are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GraphUser {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_principal_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_addresses: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub department: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub employee_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub employee_leave_date_time: Option<DateTime<Utc>>,
+    /// `extensionAttribute1`..`extensionAttribute15`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_premises_extension_attributes: Option<BTreeMap<String, Option<String>>>,
+}
+
+impl GraphUser {
+    /// The primary SMTP address: the `proxyAddresses` entry with the upper-case `SMTP:` prefix.
+    pub fn primary_smtp(&self) -> Option<&str> {
+        self.proxy_addresses
+            .as_ref()?
+            .iter()
+            .find_map(|p| p.strip_prefix("SMTP:"))
+    }
+
+    /// The address Proofpoint knows this user by: `mail`, else the primary SMTP proxy
+    /// address, else the UPN. Lower-cased, as Proofpoint compares addresses case-insensitively.
+    pub fn proofpoint_address(&self) -> Option<String> {
+        [
+            self.mail.as_deref(),
+            self.primary_smtp(),
+            self.user_principal_name.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .find(|a| a.contains('@'))
+        .map(str::to_ascii_lowercase)
+    }
+}
+
+/// A subscription to create (`POST /subscriptions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewSubscription {
+    pub change_type: String,
+    pub notification_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle_notification_url: Option<String>,
+    pub resource: String,
+    pub expiration_date_time: DateTime<Utc>,
+    /// Never logged: `Debug` of this struct is only used in tests; the client redacts it.
+    pub client_state: String,
+}
+
+/// A subscription as Graph returns it (never with `clientState`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subscription {
+    pub id: String,
+    pub resource: String,
+    pub change_type: String,
+    pub notification_url: String,
+    #[serde(default)]
+    pub lifecycle_notification_url: Option<String>,
+    pub expiration_date_time: DateTime<Utc>,
+}
+
+/// Errors talking to Graph, classified by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    /// 429 or 503: wait (`Retry-After` when Graph sent one) and try again.
+    #[error("graph throttled the request (status {status}, retry after {retry_after:?})")]
+    Throttled {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    /// Other 5xx: transient.
+    #[error("graph server error {status}: {body}")]
+    Server { status: u16, body: String },
+    #[error("graph request timed out")]
+    Timeout,
+    #[error("graph unreachable: {0}")]
+    Transport(#[source] reqwest::Error),
+    /// The token endpoint refused our credentials, or Graph answered 401/403: an operator
+    /// must fix the app registration; retrying will not help.
+    #[error("graph refused authorization (status {status}): {body}")]
+    Unauthorized { status: u16, body: String },
+    /// Any other 4xx, or an answer we cannot parse.
+    #[error("graph rejected the request (status {status}): {body}")]
+    Rejected { status: u16, body: String },
+}
+
+impl GraphError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Throttled { .. } | Self::Server { .. } | Self::Timeout | Self::Transport(_)
+        )
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The Graph operations flagrelay needs.
+#[async_trait]
+pub trait GraphApi: Send + Sync + std::fmt::Debug {
+    /// `GET /users/{id}?$select=...`; `Ok(None)` when Graph answers 404 (deleted user).
+    async fn get_user(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        select: &[&str],
+    ) -> Result<Option<GraphUser>, GraphError>;
+
+    /// `POST /subscriptions`. Graph performs the validation handshake before answering.
+    async fn create_subscription(
+        &self,
+        tenant_id: &str,
+        sub: &NewSubscription,
+    ) -> Result<Subscription, GraphError>;
+
+    /// `GET /subscriptions` (all pages).
+    async fn list_subscriptions(&self, tenant_id: &str) -> Result<Vec<Subscription>, GraphError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_prefers_mail_then_primary_smtp_then_upn() {
+        let mut u = GraphUser {
+            id: "1".into(),
+            user_principal_name: Some("Upn@Example.com".into()),
+            proxy_addresses: Some(vec![
+                "smtp:alias@example.com".into(),
+                "SMTP:Primary@example.com".into(),
+            ]),
+            mail: Some("Mail@example.com".into()),
+            ..Default::default()
+        };
+        assert_eq!(u.proofpoint_address().as_deref(), Some("mail@example.com"));
+        u.mail = None;
+        assert_eq!(
+            u.proofpoint_address().as_deref(),
+            Some("primary@example.com")
+        );
+        u.proxy_addresses = Some(vec!["smtp:alias@example.com".into()]);
+        assert_eq!(u.proofpoint_address().as_deref(), Some("upn@example.com"));
+        u.user_principal_name = None;
+        assert_eq!(u.proofpoint_address(), None);
+    }
+}

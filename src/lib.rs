@@ -1,0 +1,41 @@
+//! flagrelay: converge Proofpoint Essentials to Entra ID sign-in state, by policy, within seconds.
+//!
+//! Microsoft Graph tells us "user X changed"; we queue that durably, then a worker reads the
+//! user's *current* state, asks the policy what mail flow should be, and converges the
+//! Proofpoint Essentials user to it. Everything downstream of the receiver is level-triggered:
+//! duplicates, replays and reordering are harmless because nothing trusts the notification's
+//! content, only the state read at processing time.
+//!
+//! # Layout
+//! - [`config`]: the typed, layered configuration (defaults → TOML file → `FLAGRELAY_` env).
+//! - [`telemetry`]: tracing subscriber set-up and the process-wide counters.
+//! - [`notification`]: the lenient parser for Graph change/lifecycle notification payloads.
+//! - [`message`]: the queue wire format (CloudEvents envelopes) and its HMAC signing. The one
+//!   place that knows what bytes travel on the bus.
+//! - [`queue`]: the [`queue::Queue`] trait, with a RabbitMQ backend and an embedded in-process
+//!   backend that pass the same conformance tests.
+//! - [`receiver`]: the axum webhook endpoint; validates, signs and publishes, nothing else.
+//! - [`worker`]: consumes, reads Graph and Proofpoint, applies the policy's decision, and maps
+//!   each processing outcome to ack / retry / dead-letter in one function.
+//! - [`policy`]: pure decision logic (no IO, no clock).
+//! - [`graph`], [`proofpoint`]: API traits and their HTTP clients.
+//! - [`sim`]: faithful simulators of both APIs, used by tests, the demo and staging setups.
+//! - [`app`]: wires the parts into the `serve` / `work` / `run` processes.
+//! - [`demo`]: the one-command, end-to-end demonstration.
+//! - [`cli`]: the command line; `main.rs` only calls into it.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod graph;
+pub mod message;
+pub mod notification;
+pub mod policy;
+pub mod proofpoint;
+pub mod queue;
+pub mod receiver;
+pub mod shutdown;
+pub mod sim;
+pub mod telemetry;
+pub mod worker;

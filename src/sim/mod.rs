@@ -1,0 +1,3 @@
+//! Simulators
+pub mod graph;
+pub mod proofpoint;
