@@ -1,0 +1,9 @@
+//! flagrelay's integration tests: one test crate, shared helpers in [`support`].
+//!
+//! Tests that need RabbitMQ use `FLAGRELAY_TEST_AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`) and a unique name prefix each, so they run in
+//! parallel. Without a broker they fail loudly, saying how to start one.
+
+mod support;
+
+mod queue_conformance;

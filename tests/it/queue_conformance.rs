@@ -1,0 +1,1 @@
+//! Queue conformance tests (being written).
