@@ -1,1 +1,164 @@
-//! TODO
+//! Wiring: builds the queue, API clients, policy and metrics from a [`Config`], and runs the
+//! receiver, the worker, or both until the shutdown token is cancelled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::graph::GraphApi;
+use crate::graph::client::GraphClient;
+use crate::policy::{MirrorPolicy, Policy};
+use crate::proofpoint::ProofpointApi;
+use crate::proofpoint::client::ProofpointClient;
+use crate::queue::Queue;
+use crate::queue::embedded::EmbeddedQueue;
+use crate::queue::rabbitmq::RabbitQueue;
+use crate::receiver::{self, ReceiverSettings, ReceiverState};
+use crate::telemetry::Metrics;
+use crate::worker::outcome::RetryPolicy;
+use crate::worker::{Worker, WorkerDeps, WorkerSettings};
+
+/// A configured flagrelay process: every part built, nothing running yet.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub config: Arc<Config>,
+    pub queue: Arc<dyn Queue>,
+    pub graph: Arc<dyn GraphApi>,
+    pub proofpoint: Arc<dyn ProofpointApi>,
+    pub policy: Arc<dyn Policy>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Which queue backend a command may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueChoice {
+    /// `serve` and `work`: RabbitMQ is required (separate processes must share a queue).
+    RabbitOnly,
+    /// `run` and `demo`: RabbitMQ when `amqp.url` is set, else the embedded queue.
+    RabbitOrEmbedded,
+}
+
+impl App {
+    /// Build every part from the configuration.
+    pub fn from_config(config: Config, choice: QueueChoice) -> anyhow::Result<Self> {
+        let settings = config.amqp.queue_settings();
+        let queue: Arc<dyn Queue> = match (&config.amqp.url, choice) {
+            (Some(url), _) => Arc::new(RabbitQueue::new(url.clone(), settings)),
+            (None, QueueChoice::RabbitOrEmbedded) => Arc::new(EmbeddedQueue::new(settings)),
+            (None, QueueChoice::RabbitOnly) => anyhow::bail!(
+                "invalid configuration value for `amqp.url`: required for this command \
+                 (set it in the file or FLAGRELAY_AMQP__URL); only `run` and `demo` can use the embedded queue"
+            ),
+        };
+        let graph = Arc::new(GraphClient::new(&config.graph).context("building the Graph client")?);
+        let proofpoint = Arc::new(ProofpointClient::new(
+            config.proofpoint.requests_per_second,
+            config.proofpoint.request_timeout,
+        ));
+        Ok(Self::with_parts(config, queue, graph, proofpoint))
+    }
+
+    /// Assemble from ready-made parts (tests and the demo choose their own backends).
+    pub fn with_parts(
+        config: Config,
+        queue: Arc<dyn Queue>,
+        graph: Arc<dyn GraphApi>,
+        proofpoint: Arc<dyn ProofpointApi>,
+    ) -> Self {
+        Self {
+            config: Arc::new(config),
+            queue,
+            graph,
+            proofpoint,
+            policy: Arc::new(MirrorPolicy),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    fn receiver_settings(&self) -> ReceiverSettings {
+        let r = &self.config.receiver;
+        ReceiverSettings {
+            max_body_bytes: r.max_body_bytes,
+            max_items: r.max_items,
+            retry_after: r.retry_after,
+            request_timeout: r.request_timeout,
+        }
+    }
+
+    /// The receiver's router, for serving or for calling directly in tests.
+    pub fn receiver_router(&self) -> axum::Router {
+        let settings = self.receiver_settings();
+        let state = ReceiverState::new(
+            self.config.graph.client_state().clone(),
+            self.config.tenants.iter().map(|t| t.id.clone()),
+            self.queue.clone(),
+            self.config.signing.signer(),
+            self.metrics.clone(),
+            &settings,
+        );
+        receiver::router(state, &settings)
+    }
+
+    /// A worker over this app's parts.
+    pub fn worker(&self) -> Arc<Worker> {
+        let w = &self.config.worker;
+        Worker::new(
+            WorkerDeps {
+                queue: self.queue.clone(),
+                graph: self.graph.clone(),
+                proofpoint: self.proofpoint.clone(),
+                policy: self.policy.clone(),
+                metrics: self.metrics.clone(),
+            },
+            WorkerSettings {
+                concurrency: w.concurrency,
+                retry: RetryPolicy { max_attempts: w.max_attempts, backoff_base: w.backoff_base, backoff_max: w.backoff_max },
+                dry_run: w.dry_run,
+                shutdown_deadline: Duration::from_secs(20),
+            },
+            self.config.signing.verifier(),
+            self.config.signing.signer(),
+            self.config.tenants.iter().map(|t| (t.id.clone(), self.config.org_access(t))),
+        )
+    }
+
+    /// Declare the topology; a broker that is down now is not fatal (the backend declares
+    /// again when it connects, and the receiver answers 503 meanwhile).
+    async fn declare(&self) {
+        if !self.queue.durable() {
+            tracing::warn!("using the EMBEDDED queue: not durable, messages are lost when this process exits; set amqp.url for production");
+        }
+        if let Err(error) = self.queue.declare().await {
+            tracing::error!(%error, "could not declare the queue topology now; will retry on reconnect");
+        }
+    }
+
+    /// Run the receiver on `listener` until `shutdown`; in-flight requests finish first.
+    pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.declare().await;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "receiver listening");
+        axum::serve(listener, self.receiver_router())
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("receiver failed")
+    }
+
+    /// Run a worker until `shutdown`.
+    pub async fn work(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.declare().await;
+        self.worker().run(shutdown).await.context("worker failed")
+    }
+
+    /// Receiver and worker in one process.
+    pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let worker = self.worker();
+        let (served, worked) = tokio::join!(self.serve(listener, shutdown.clone()), worker.run(shutdown.clone()));
+        served?;
+        worked.context("worker failed")
+    }
+}

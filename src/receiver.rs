@@ -1,1 +1,308 @@
-//! TODO
+//! The webhook receiver: Graph's validation handshake, and change/lifecycle notification
+//! collections turned into signed messages on the queue.
+//!
+//! The request path does no Graph or Proofpoint IO: it parses, authenticates each item by its
+//! `clientState` (constant time), signs, publishes with publisher confirms, and answers `202`
+//! only when every valid item is durably queued. Anything the broker does not confirm turns
+//! the whole batch into `503 Retry-After`, and Graph delivers it again (duplicates are
+//! harmless downstream). Items with a wrong `clientState` or an unknown tenant are dropped
+//! and counted, and the batch still gets `202`, so a prober learns nothing.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+
+use crate::message::{self, Message, Origin, Signer, SubscriptionLifecycle, UserChanged};
+use crate::notification::{self, ItemError};
+use crate::queue::Queue;
+use crate::telemetry::Metrics;
+
+/// Longest validation token echoed back; Graph's are a few hundred characters.
+const MAX_VALIDATION_TOKEN: usize = 1024;
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct ReceiverState {
+    client_state: SecretString,
+    /// Lower-cased configured tenant ids.
+    tenants: Arc<HashSet<String>>,
+    queue: Arc<dyn Queue>,
+    signer: Signer,
+    metrics: Arc<Metrics>,
+    max_items: usize,
+    retry_after: Duration,
+}
+
+impl std::fmt::Debug for ReceiverState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverState").field("tenants", &self.tenants).finish_non_exhaustive()
+    }
+}
+
+/// Settings of the receiver not owned by other parts.
+#[derive(Debug, Clone)]
+pub struct ReceiverSettings {
+    pub max_body_bytes: usize,
+    pub max_items: usize,
+    pub retry_after: Duration,
+    pub request_timeout: Duration,
+}
+
+impl ReceiverState {
+    pub fn new(
+        client_state: SecretString,
+        tenants: impl IntoIterator<Item = String>,
+        queue: Arc<dyn Queue>,
+        signer: Signer,
+        metrics: Arc<Metrics>,
+        settings: &ReceiverSettings,
+    ) -> Self {
+        Self {
+            client_state,
+            tenants: Arc::new(tenants.into_iter().map(|t| t.to_ascii_lowercase()).collect()),
+            queue,
+            signer,
+            metrics,
+            max_items: settings.max_items,
+            retry_after: settings.retry_after,
+        }
+    }
+}
+
+/// The receiver's routes: `/graph/notifications`, `/graph/lifecycle`, `/healthz`, `/readyz`,
+/// `/metrics`.
+pub fn router(state: ReceiverState, settings: &ReceiverSettings) -> Router {
+    Router::new()
+        .route("/graph/notifications", post(notifications))
+        .route("/graph/lifecycle", post(lifecycle))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        // Slow or stalled clients are cut off instead of holding a connection forever.
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            settings.request_timeout,
+        ))
+        .with_state(state)
+}
+
+/// Why a request was refused, mapped to a status in one place.
+#[derive(Debug, thiserror::Error)]
+enum WebhookError {
+    #[error("validationToken is empty, too long, or contains markup or control characters")]
+    BadValidationToken,
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("request body is empty")]
+    EmptyBody,
+    #[error("request body is not a notification collection: {0}")]
+    BadCollection(#[from] notification::CollectionError),
+    #[error("collection has {0} items; the limit is {1}")]
+    TooManyItems(usize, usize),
+    #[error("queue unavailable; retry later")]
+    Unavailable(Duration),
+}
+
+impl IntoResponse for WebhookError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Self::BadValidationToken | Self::EmptyBody | Self::BadCollection(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::TooManyItems(..) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut resp = (status, self.to_string()).into_response();
+        if let Self::Unavailable(after) = self {
+            let secs = after.as_secs().max(1).to_string();
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_str(&secs).expect("digits"));
+        }
+        resp
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Change,
+    Lifecycle,
+}
+
+async fn notifications(
+    State(state): State<ReceiverState>,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, WebhookError> {
+    handle(state, Kind::Change, query, headers, body).await
+}
+
+async fn lifecycle(
+    State(state): State<ReceiverState>,
+    query: RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, WebhookError> {
+    handle(state, Kind::Lifecycle, query, headers, body).await
+}
+
+async fn handle(
+    state: ReceiverState,
+    kind: Kind,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, WebhookError> {
+    if let Some(token) = validation_token(query.as_deref()) {
+        return handshake(&state, token);
+    }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(WebhookError::UnsupportedMediaType);
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(WebhookError::EmptyBody);
+    }
+    let items = notification::parse_collection(&body)?;
+    if items.len() > state.max_items {
+        return Err(WebhookError::TooManyItems(items.len(), state.max_items));
+    }
+    let received_at = Utc::now();
+    let messages: Vec<Message> = items
+        .iter()
+        .filter_map(|item| {
+            Metrics::inc(&state.metrics.notifications_received_total);
+            let parsed = match kind {
+                Kind::Change => notification::parse_change(item).map(|n| {
+                    let m = Message::UserChanged(UserChanged {
+                        tenant_id: n.tenant_id,
+                        user_id: n.user_id,
+                        change_type: n.change_type,
+                        subscription_id: n.subscription_id,
+                        event_time: n.event_time,
+                        received_at,
+                        origin: Origin::Notification,
+                    });
+                    (m, n.client_state)
+                }),
+                Kind::Lifecycle => notification::parse_lifecycle(item).map(|n| {
+                    let m = Message::Lifecycle(SubscriptionLifecycle {
+                        tenant_id: n.tenant_id,
+                        subscription_id: n.subscription_id,
+                        lifecycle_event: n.lifecycle_event,
+                        subscription_expiration: n.subscription_expiration,
+                        received_at,
+                    });
+                    (m, n.client_state)
+                }),
+            };
+            state.admit(parsed)
+        })
+        .collect();
+
+    let encoded: Vec<_> = messages.iter().map(|m| message::encode(m, &state.signer)).collect();
+    let results = futures::future::join_all(encoded.iter().map(|e| state.queue.publish(e))).await;
+    let failures: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    if let Some(first) = failures.first() {
+        Metrics::inc(&state.metrics.webhook_unavailable_total);
+        tracing::warn!(
+            error = %first,
+            failed = failures.len(),
+            items = encoded.len(),
+            "could not durably enqueue the batch; answering 503 so Graph retries"
+        );
+        return Err(WebhookError::Unavailable(state.retry_after));
+    }
+    state.metrics.notifications_enqueued_total.fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    for e in &encoded {
+        tracing::debug!(message_id = %e.id, shard_key = %e.shard_key, "enqueued");
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+impl ReceiverState {
+    /// Authenticate one parsed item: known tenant and matching clientState, or dropped.
+    fn admit(&self, parsed: Result<(Message, Option<String>), ItemError>) -> Option<Message> {
+        let (message, client_state) = match parsed {
+            Ok(p) => p,
+            Err(error) => {
+                Metrics::inc(&self.metrics.notifications_dropped_malformed_total);
+                tracing::warn!(%error, "dropping a notification item that could not be parsed");
+                return None;
+            }
+        };
+        let expected = self.client_state.expose_secret().as_bytes();
+        let given = client_state.as_deref().unwrap_or("").as_bytes();
+        if !bool::from(expected.ct_eq(given)) {
+            Metrics::inc(&self.metrics.notifications_dropped_client_state_total);
+            tracing::warn!(
+                tenant_id = %message.tenant_id(),
+                subject = %message.subject(),
+                "dropping a notification item whose clientState does not match (forged or stale subscription)"
+            );
+            return None;
+        }
+        if !self.tenants.contains(&message.tenant_id().to_ascii_lowercase()) {
+            Metrics::inc(&self.metrics.notifications_dropped_unknown_tenant_total);
+            tracing::warn!(tenant_id = %message.tenant_id(), "dropping a notification item for a tenant that is not configured");
+            return None;
+        }
+        Some(message)
+    }
+}
+
+fn validation_token(query: Option<&str>) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "validationToken")
+        .map(|(_, v)| v.into_owned())
+}
+
+fn handshake(state: &ReceiverState, token: String) -> Result<Response, WebhookError> {
+    let acceptable = !token.is_empty()
+        && token.len() <= MAX_VALIDATION_TOKEN
+        && !token.chars().any(|c| c.is_control() || matches!(c, '<' | '>'));
+    if !acceptable {
+        tracing::warn!(len = token.len(), "refusing a validation token with markup, control characters or absurd length");
+        return Err(WebhookError::BadValidationToken);
+    }
+    Metrics::inc(&state.metrics.handshakes_total);
+    tracing::info!("answering Graph validation handshake");
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")),
+            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        ],
+        token,
+    )
+        .into_response())
+}
+
+async fn readyz(State(state): State<ReceiverState>) -> Response {
+    if state.queue.ready().await {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "queue not reachable").into_response()
+    }
+}
+
+async fn metrics(State(state): State<ReceiverState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        state.metrics.render(),
+    )
+        .into_response()
+}

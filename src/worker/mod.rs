@@ -1,1 +1,359 @@
-//! TODO
+//! The worker: consume, verify, read the user's current state, decide, converge Proofpoint,
+//! settle.
+//!
+//! Level-triggered: a message only says "look at user X". The worker reads Graph and
+//! Proofpoint *now*, asks the [`Policy`], and writes only when Proofpoint differs, with a
+//! read-modify-write PUT of the whole object. Replays, duplicates and reordering therefore
+//! converge to the same state. Two messages for the same user never run at once: shards
+//! give that across processes, a per-key lock within one.
+
+pub mod outcome;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng;
+use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, field};
+
+use crate::graph::{GraphApi, GraphError, USER_SELECT};
+use crate::message::{self, Decoded, DecodeError, Message, Signer, UserChanged, UserOutcome, Verifier};
+use crate::policy::{Facts, Policy};
+use crate::proofpoint::{OrgAccess, PpError, ProofpointApi};
+use crate::queue::{Delivered, Delivery, Queue, QueueError, Settlement};
+use crate::telemetry::Metrics;
+use outcome::{Detail, Outcome, RetryPolicy};
+
+/// The parts a worker talks to.
+#[derive(Debug, Clone)]
+pub struct WorkerDeps {
+    pub queue: Arc<dyn Queue>,
+    pub graph: Arc<dyn GraphApi>,
+    pub proofpoint: Arc<dyn ProofpointApi>,
+    pub policy: Arc<dyn Policy>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Messages processed at once in this process.
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    /// Decide and publish outcome events, but never write to Proofpoint.
+    pub dry_run: bool,
+    /// After shutdown is requested, how long in-flight messages may take to finish.
+    pub shutdown_deadline: Duration,
+}
+
+/// A running worker's shared state.
+#[derive(Debug)]
+pub struct Worker {
+    deps: WorkerDeps,
+    settings: WorkerSettings,
+    verifier: Verifier,
+    signer: Signer,
+    /// Entra tenant id (lower-case) → its Proofpoint organization.
+    orgs: HashMap<String, OrgAccess>,
+    locks: KeyedLocks,
+}
+
+impl Worker {
+    pub fn new(
+        deps: WorkerDeps,
+        settings: WorkerSettings,
+        verifier: Verifier,
+        signer: Signer,
+        orgs: impl IntoIterator<Item = (String, OrgAccess)>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            deps,
+            settings,
+            verifier,
+            signer,
+            orgs: orgs.into_iter().map(|(t, o)| (t.to_ascii_lowercase(), o)).collect(),
+            locks: KeyedLocks::default(),
+        })
+    }
+
+    /// Consume until `shutdown`; then stop taking messages, let in-flight ones finish (up to
+    /// the deadline), and close the consumer so anything unsettled returns to the queue.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), QueueError> {
+        // The consumer gets its own token: it must outlive in-flight work so acks can go out.
+        let consumer = CancellationToken::new();
+        let mut deliveries = self.deps.queue.consume(consumer.clone()).await?;
+        let slots = Arc::new(Semaphore::new(self.settings.concurrency));
+        let mut tasks = JoinSet::new();
+        tracing::info!(concurrency = self.settings.concurrency, dry_run = self.settings.dry_run, "worker consuming");
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            };
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                d = deliveries.recv() => match d {
+                    Some(d) => d,
+                    None => break,
+                },
+            };
+            let me = self.clone();
+            tasks.spawn(async move {
+                me.handle(delivery).await;
+                drop(permit);
+            });
+            while tasks.try_join_next().is_some() {}
+        }
+        let in_flight = tasks.len();
+        tracing::info!(in_flight, "worker stopping; finishing in-flight messages");
+        let drained = tokio::time::timeout(self.settings.shutdown_deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(left = tasks.len(), "shutdown deadline passed; unsettled messages return to the queue");
+            tasks.abort_all();
+        }
+        drop(deliveries);
+        consumer.cancel();
+        Ok(())
+    }
+
+    /// Process one delivery end to end and settle it.
+    pub async fn handle(&self, delivery: Delivery) {
+        let previous = delivery.delivered.attempt();
+        let span = tracing::info_span!(
+            "message",
+            message_id = delivery.delivered.message_id.as_deref().unwrap_or(""),
+            tenant_id = field::Empty,
+            user_id = field::Empty,
+            attempt = previous + 1,
+            redelivered = delivery.delivered.redelivered,
+        );
+        async {
+            let decoded = match self.decode(&delivery.delivered) {
+                Ok(d) => d,
+                Err(outcome) => return self.finish(delivery, None, outcome, previous).await,
+            };
+            Span::current().record("tenant_id", decoded.message.tenant_id());
+            Span::current().record("user_id", decoded.message.subject());
+            // Per-user serialization within this process; shards give it across processes.
+            let _guard = self.locks.lock(decoded.message.shard_key()).await;
+            let outcome = self.process(&decoded).await;
+            self.finish(delivery, Some(&decoded), outcome, previous).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn decode(&self, delivered: &Delivered) -> Result<Decoded, Outcome> {
+        message::decode(&delivered.body, &delivered.headers, &self.verifier).map_err(|e| {
+            let reason = match e {
+                DecodeError::MissingSignature | DecodeError::UnknownKey(_) | DecodeError::BadSignature => {
+                    Metrics::inc(&self.deps.metrics.signature_failures_total);
+                    tracing::error!(
+                        error = %e,
+                        shard = delivered.shard,
+                        "SECURITY: a message on the bus failed signature verification; dead-lettering it. \
+                         Something that is not flagrelay (or has the wrong key) is publishing to this exchange."
+                    );
+                    "bad_signature"
+                }
+                DecodeError::Malformed(_) => "undecodable",
+                DecodeError::UnsupportedVersion(_) | DecodeError::UnknownType(_) => "unknown_message_type",
+            };
+            Outcome::Permanent { reason, error: e.to_string() }
+        })
+    }
+
+    /// Decide what this message means and carry it out (no settlement here).
+    pub async fn process(&self, decoded: &Decoded) -> Outcome {
+        match &decoded.message {
+            Message::UserChanged(m) => self.converge_user(m).await,
+            Message::Lifecycle(l) => {
+                tracing::warn!(
+                    subscription_id = %l.subscription_id,
+                    lifecycle_event = %l.lifecycle_event,
+                    "Graph lifecycle event recorded; automatic reauthorization is not built yet (see README)"
+                );
+                Outcome::Skipped { reason: "lifecycle_event_recorded".into(), detail: Detail::default() }
+            }
+            Message::UserOutcome(_) => Outcome::Permanent {
+                reason: "unexpected_message_type",
+                error: "outcome events do not belong on the work queues".into(),
+            },
+        }
+    }
+
+    async fn converge_user(&self, m: &UserChanged) -> Outcome {
+        let Some(org) = self.orgs.get(&m.tenant_id.to_ascii_lowercase()) else {
+            return Outcome::Permanent { reason: "unknown_tenant", error: format!("tenant {} is not configured", m.tenant_id) };
+        };
+        let user = match self.deps.graph.get_user(&m.tenant_id, &m.user_id, USER_SELECT).await {
+            Ok(Some(u)) => u,
+            Ok(None) => {
+                return skipped("deleted_in_graph", "Graph answers 404: the user is deleted; Proofpoint is left alone", Detail::default());
+            }
+            Err(e) => return graph_failure(e),
+        };
+        let Some(address) = user.proofpoint_address() else {
+            return skipped("no_address", "the user has no mail, SMTP proxy address or UPN with an @", Detail::default());
+        };
+        let mut detail = Detail { address: Some(address.clone()), ..Detail::default() };
+        let pp_user = match self.deps.proofpoint.get_user(org, &address).await {
+            Ok(Some(u)) => u,
+            Ok(None) => return skipped("unknown_to_proofpoint", "Proofpoint has no user with this address", detail),
+            Err(e) => return pp_failure(e),
+        };
+        let decision = self.deps.policy.decide(&Facts { user: &user, proofpoint: &pp_user }, Utc::now());
+        detail.action = Some(decision.action.as_str().to_owned());
+        detail.reason = format!("{}: {}", decision.rule, decision.reason);
+        detail.was_active = Some(pp_user.is_active);
+        let Some(desired) = decision.action.desired_active() else {
+            detail.is_active = Some(pp_user.is_active);
+            return Outcome::Skipped { reason: decision.rule, detail };
+        };
+        detail.is_active = Some(desired);
+        if pp_user.is_active == desired {
+            return Outcome::NoChange { detail };
+        }
+        if self.settings.dry_run {
+            return Outcome::Applied { detail };
+        }
+        // Read-modify-write of the whole object: fields we do not know are sent back as read.
+        let mut updated = pp_user;
+        updated.is_active = desired;
+        match self.deps.proofpoint.put_user(org, &updated).await {
+            Ok(()) => Outcome::Applied { detail },
+            Err(e) => pp_failure(e),
+        }
+    }
+
+    /// Settle, count, log and publish the outcome event.
+    async fn finish(&self, delivery: Delivery, decoded: Option<&Decoded>, outcome: Outcome, previous: u32) {
+        let jitter = rand::rng().random_range(0.8..=1.2);
+        let settlement = outcome::settle(&outcome, previous, &self.settings.retry, jitter);
+        let metrics = &self.deps.metrics;
+        match (&settlement, &outcome) {
+            (Settlement::Ack, Outcome::Applied { detail }) => {
+                Metrics::inc(&metrics.outcomes_applied_total);
+                tracing::info!(address = ?detail.address, action = ?detail.action, reason = %detail.reason, dry_run = self.settings.dry_run, "applied");
+            }
+            (Settlement::Ack, Outcome::NoChange { detail }) => {
+                Metrics::inc(&metrics.outcomes_no_change_total);
+                tracing::info!(address = ?detail.address, reason = %detail.reason, "no change needed");
+            }
+            (Settlement::Ack, _) => {
+                Metrics::inc(&metrics.outcomes_skipped_total);
+                tracing::info!(outcome = ?outcome, "skipped");
+            }
+            (Settlement::Retry { delay, attempt, last_error }, _) => {
+                Metrics::inc(&metrics.outcomes_retried_total);
+                tracing::warn!(?delay, attempt, error = %last_error, "transient failure; retry scheduled");
+            }
+            (Settlement::DeadLetter { reason, attempts, last_error }, _) => {
+                Metrics::inc(&metrics.outcomes_dead_lettered_total);
+                tracing::error!(%reason, attempts, error = %last_error, "dead-lettered");
+            }
+        }
+        if !matches!(settlement, Settlement::Retry { .. })
+            && let Some(Message::UserChanged(m)) = decoded.map(|d| &d.message)
+        {
+            self.publish_outcome(m, decoded.map(|d| d.id.as_str()).unwrap_or(""), &outcome).await;
+        }
+        if let Err(error) = delivery.settle(&settlement).await {
+            tracing::warn!(%error, "could not settle the message; the broker will redeliver it");
+        }
+    }
+
+    async fn publish_outcome(&self, cause: &UserChanged, cause_id: &str, outcome: &Outcome) {
+        let (detail, reason) = match outcome {
+            Outcome::Applied { detail } | Outcome::NoChange { detail } => (detail.clone(), detail.reason.clone()),
+            Outcome::Skipped { reason, detail } => (detail.clone(), reason.clone()),
+            Outcome::Transient { error, .. } => (Detail::default(), error.clone()),
+            Outcome::Permanent { reason, error } => (Detail::default(), format!("{reason}: {error}")),
+        };
+        let latency = (Utc::now() - cause.received_at).num_milliseconds();
+        let event = Message::UserOutcome(UserOutcome {
+            tenant_id: cause.tenant_id.clone(),
+            user_id: cause.user_id.clone(),
+            address: detail.address,
+            result: outcome.result().to_owned(),
+            action: detail.action,
+            reason,
+            was_active: detail.was_active,
+            is_active: detail.is_active,
+            dry_run: self.settings.dry_run,
+            cause_id: cause_id.to_owned(),
+            latency_ms: u64::try_from(latency).ok(),
+        });
+        // Outcome events inform other systems; Proofpoint's state is the truth. A failed
+        // publish is counted and logged, and does not undo or repeat the work.
+        if let Err(error) = self.deps.queue.publish_event(&message::encode(&event, &self.signer)).await {
+            Metrics::inc(&self.deps.metrics.outcome_event_failures_total);
+            tracing::warn!(%error, "could not publish the outcome event");
+        }
+    }
+}
+
+fn skipped(reason: &str, why: &str, mut detail: Detail) -> Outcome {
+    detail.reason = why.to_owned();
+    Outcome::Skipped { reason: reason.to_owned(), detail }
+}
+
+fn graph_failure(e: GraphError) -> Outcome {
+    if e.is_retryable() {
+        Outcome::Transient { retry_after: e.retry_after(), error: format!("graph: {e}") }
+    } else if matches!(e, GraphError::Unauthorized { .. }) {
+        Outcome::Permanent { reason: "graph_unauthorized", error: e.to_string() }
+    } else {
+        Outcome::Permanent { reason: "graph_rejected", error: e.to_string() }
+    }
+}
+
+fn pp_failure(e: PpError) -> Outcome {
+    if e.is_retryable() {
+        Outcome::Transient { retry_after: e.retry_after(), error: format!("proofpoint: {e}") }
+    } else if matches!(e, PpError::Unauthorized { .. }) {
+        Outcome::Permanent { reason: "proofpoint_unauthorized", error: e.to_string() }
+    } else {
+        Outcome::Permanent { reason: "proofpoint_rejected", error: e.to_string() }
+    }
+}
+
+/// One async mutex per key, removed again when nobody holds or waits for it.
+#[derive(Debug, Default)]
+struct KeyedLocks {
+    map: Arc<StdMutex<HashMap<String, Arc<Mutex<()>>>>>,
+}
+
+struct KeyGuard {
+    key: String,
+    map: Arc<StdMutex<HashMap<String, Arc<Mutex<()>>>>>,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: String) -> KeyGuard {
+        let mutex = {
+            let mut map = self.map.lock().expect("lock map poisoned");
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = mutex.lock_owned().await;
+        KeyGuard { key, map: self.map.clone(), guard: Some(guard) }
+    }
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("lock map poisoned");
+        // Release first, then drop the entry if only the map still refers to it.
+        self.guard.take();
+        if map.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+            map.remove(&self.key);
+        }
+    }
+}
