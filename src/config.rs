@@ -785,6 +785,31 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/flagrelay.toml");
+        let c = Config::from_toml_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(c.tenants.len(), 1);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", VALID)?;
+            jail.set_env("FLAGRELAY_AMQP__SHARDS", "12");
+            jail.set_env("FLAGRELAY_GRAPH__CLIENT_ID", "from-env");
+            jail.set_env("FLAGRELAY_CONFIG", "ignored.toml");
+            jail.set_env("FLAGRELAY_TEST_AMQP_URL", "amqp://ignored");
+            let c = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.amqp.shards, 12);
+            assert_eq!(c.graph.client_id, "from-env");
+            jail.set_env("FLAGRELAY_AMQP__SHARDS", "many");
+            let err = Config::load(Some(Path::new("f.toml"))).unwrap_err().to_string();
+            assert!(err.contains("shards"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn redacts_amqp_passwords() {
         assert_eq!(
             redact_url("amqp://guest:guest@localhost:5672/%2f"),

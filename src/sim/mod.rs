@@ -5,6 +5,7 @@
 
 pub mod graph;
 pub mod proofpoint;
+pub mod sandbox;
 
 use crate::cli::SimArgs;
 use crate::graph::GraphUser;

@@ -6,4 +6,6 @@
 
 mod support;
 
+mod pipeline;
 mod queue_conformance;
+mod receiver;

@@ -41,3 +41,130 @@ pub async fn require_broker() {
         );
     }
 }
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flagrelay::app::App;
+use flagrelay::graph::client::GraphClient;
+use flagrelay::proofpoint::client::ProofpointClient;
+use flagrelay::queue::embedded::EmbeddedQueue;
+use flagrelay::queue::rabbitmq::RabbitQueue;
+use flagrelay::queue::{Queue, QueueSettings};
+use flagrelay::sim::sandbox::Sandbox;
+use tokio_util::sync::CancellationToken;
+
+pub const TENANT: &str = "11111111-2222-3333-4444-555555555555";
+pub const ORG: &str = "contoso.test";
+
+/// Which queue a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Rabbit,
+    Embedded,
+}
+
+/// Queue settings for tests: short retry tiers so retries are observable quickly.
+pub fn test_queue_settings(name: &str) -> QueueSettings {
+    let mut s = QueueSettings::with_prefix(unique_prefix(name));
+    s.shards = 3;
+    s.retry_tiers = vec![Duration::from_millis(100), Duration::from_millis(300), Duration::from_secs(1)];
+    s
+}
+
+pub async fn queue_for(backend: Backend, name: &str) -> Arc<dyn Queue> {
+    match backend {
+        Backend::Rabbit => {
+            require_broker().await;
+            Arc::new(RabbitQueue::new(amqp_secret(), test_queue_settings(name)))
+        }
+        Backend::Embedded => Arc::new(EmbeddedQueue::new(test_queue_settings(name))),
+    }
+}
+
+/// flagrelay (receiver + worker) running against a sandbox, on a chosen queue backend.
+pub struct TestApp {
+    pub sandbox: Sandbox,
+    pub app: App,
+    /// `http://127.0.0.1:PORT` of the receiver.
+    pub url: String,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub backend: Backend,
+    pub max_attempts: u32,
+    /// Create the Graph subscription (through the handshake) at start.
+    pub subscribe: bool,
+    /// Start the worker (false: receiver only, to inspect the queue).
+    pub worker: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { backend: Backend::Rabbit, max_attempts: 5, subscribe: true, worker: true }
+    }
+}
+
+impl TestApp {
+    pub async fn start(name: &str, opts: Options) -> TestApp {
+        let sandbox = Sandbox::start(TENANT, ORG).await.expect("sandbox starts");
+        let mut config = sandbox.config.clone();
+        config.worker.max_attempts = opts.max_attempts;
+        config.worker.backoff_base = Duration::from_millis(50);
+        config.worker.backoff_max = Duration::from_millis(500);
+        let queue = queue_for(opts.backend, name).await;
+        let graph = Arc::new(GraphClient::new(&config.graph).expect("graph client"));
+        let pp = Arc::new(ProofpointClient::new(config.proofpoint.requests_per_second, config.proofpoint.request_timeout));
+        let app = App::with_parts(config, queue, graph, pp);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let app = app.clone();
+            let stop = stop.clone();
+            async move {
+                if opts.worker {
+                    app.run(listener, stop).await
+                } else {
+                    app.serve(listener, stop).await
+                }
+            }
+        });
+        let t = TestApp { sandbox, app, url, stop, task: Some(task) };
+        if opts.subscribe {
+            t.sandbox.subscribe(t.app.graph.as_ref(), &t.url).await.expect("subscription created via handshake");
+        }
+        t
+    }
+
+    /// Stop receiver and worker and wait for them.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Poll `check` until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,134 @@
+//! A sandbox: both simulators running, one tenant mapped to one org, and a validated
+//! [`Config`] pointing flagrelay at them. Shared by `flagrelay demo` and the integration tests
+//! so that both exercise the same set-up a staging user would.
+
+use chrono::Utc;
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::TcpListener;
+
+use super::graph::{GraphSim, GraphSimServer};
+use super::proofpoint::{ProofpointSim, ProofpointSimServer};
+use crate::config::{Config, TenantConfig};
+use crate::graph::{GraphApi, GraphError, GraphUser, NewSubscription, Subscription};
+use crate::proofpoint::PpUser;
+
+const CLIENT_ID: &str = "flagrelay-sandbox-app";
+const PP_ADMIN: &str = "admin";
+
+/// Both simulators plus a configuration that points at them.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub graph: GraphSim,
+    pub proofpoint: ProofpointSim,
+    pub tenant_id: String,
+    pub org: String,
+    /// Validated; `amqp.url` unset (choose the queue yourself).
+    pub config: Config,
+    _graph_server: GraphSimServer,
+    _pp_server: ProofpointSimServer,
+}
+
+/// A user present in both simulators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeededUser {
+    pub id: String,
+    pub address: String,
+}
+
+impl Sandbox {
+    /// Start both simulators on ephemeral ports with fresh random credentials.
+    pub async fn start(tenant_id: &str, org: &str) -> anyhow::Result<Self> {
+        let client_secret = random_secret();
+        let pp_password = random_secret();
+        let graph = GraphSim::new();
+        graph.add_app(CLIENT_ID, &client_secret);
+        graph.add_tenant(tenant_id);
+        let graph_server = graph.spawn(TcpListener::bind("127.0.0.1:0").await?).await;
+        let proofpoint = ProofpointSim::new();
+        proofpoint.add_org(org);
+        let admin = format!("{PP_ADMIN}@{org}");
+        proofpoint.add_admin(&admin, &pp_password, None);
+        let pp_server = proofpoint.spawn(TcpListener::bind("127.0.0.1:0").await?).await;
+
+        let mut config = Config::default();
+        config.graph.authority_url = graph_server.authority_url();
+        config.graph.api_url = graph_server.api_url();
+        config.graph.client_id = CLIENT_ID.into();
+        config.graph.client_secret = Some(SecretString::from(client_secret));
+        config.graph.client_state = Some(SecretString::from(random_secret()));
+        config.proofpoint.base_url = pp_server.base_url();
+        config.proofpoint.username = admin;
+        config.proofpoint.password = Some(SecretString::from(pp_password));
+        config.proofpoint.requests_per_second = 500;
+        config.signing.key = Some(SecretString::from(random_secret()));
+        config.tenants = vec![TenantConfig { id: tenant_id.into(), org_domain: org.into() }];
+        config.validate()?;
+        Ok(Self {
+            graph,
+            proofpoint,
+            tenant_id: tenant_id.into(),
+            org: org.into(),
+            config,
+            _graph_server: graph_server,
+            _pp_server: pp_server,
+        })
+    }
+
+    /// Create `name@org` in Proofpoint (active, of `pp_type`) and then in Graph (with the
+    /// given sign-in state). A stable id is derived from the name.
+    pub fn seed_user(&self, name: &str, account_enabled: bool, pp_type: &str) -> SeededUser {
+        let address = format!("{name}@{}", self.org);
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, address.as_bytes()).to_string();
+        self.proofpoint.upsert_user(&self.org, PpUser {
+            primary_email: address.clone(),
+            user_type: Some(pp_type.into()),
+            is_active: true,
+            other: serde_json::json!({"firstname": name, "surname": "Sandbox", "alias_emails": [], "odin_settings": {"kept": true}})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        });
+        self.graph.upsert_user(&self.tenant_id, GraphUser {
+            id: id.clone(),
+            account_enabled: Some(account_enabled),
+            user_principal_name: Some(address.clone()),
+            mail: Some(address.clone()),
+            proxy_addresses: Some(vec![format!("SMTP:{address}")]),
+            user_type: Some("Member".into()),
+            ..GraphUser::default()
+        });
+        SeededUser { id, address }
+    }
+
+    /// Mark a seeded user as a leaver (leave date in the past).
+    pub fn make_leaver(&self, user: &SeededUser, days_ago: i64) {
+        self.graph.update_user(&self.tenant_id, &user.id, |u| {
+            u.employee_leave_date_time = Some(Utc::now() - chrono::Duration::days(days_ago));
+        });
+    }
+
+    /// Whether Proofpoint has the user with `is_active == active` right now.
+    pub fn is_active(&self, user: &SeededUser) -> Option<bool> {
+        self.proofpoint.user(&self.org, &user.address).map(|u| u.is_active)
+    }
+
+    /// Subscribe the receiver at `receiver_url` to the tenant's users, through the simulated
+    /// validation handshake.
+    pub async fn subscribe(&self, graph: &dyn GraphApi, receiver_url: &str) -> Result<Subscription, GraphError> {
+        graph
+            .create_subscription(&self.tenant_id, &NewSubscription {
+                change_type: "updated,deleted".into(),
+                notification_url: format!("{receiver_url}/graph/notifications"),
+                lifecycle_notification_url: Some(format!("{receiver_url}/graph/lifecycle")),
+                resource: "users".into(),
+                expiration_date_time: Utc::now() + chrono::Duration::minutes(41_000),
+                client_state: self.config.graph.client_state().expose_secret().to_owned(),
+            })
+            .await
+    }
+}
+
+fn random_secret() -> String {
+    rand::rng().sample_iter(rand::distr::Alphanumeric).take(40).map(char::from).collect()
+}

@@ -1,0 +1,154 @@
+//! End to end through the real RabbitMQ and both simulators: Graph change → notification →
+//! receiver → queue → worker → Proofpoint.
+
+use std::time::Duration;
+
+use flagrelay::message::{self, Message, Origin, Signer, UserChanged};
+use flagrelay::queue::{DeadLetter, Queue};
+use flagrelay::telemetry::Metrics;
+use secrecy::SecretString;
+
+use crate::support::{Backend, Options, TENANT, TestApp, eventually};
+
+const CONVERGE: Duration = Duration::from_secs(15);
+
+async fn dead_letters(queue: &dyn Queue, want: usize) -> Vec<DeadLetter> {
+    let mut all = Vec::new();
+    for _ in 0..150 {
+        all.extend(queue.take_dead_letters(10).await.unwrap());
+        if all.len() >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    all
+}
+
+#[tokio::test]
+async fn a_flip_in_entra_reaches_proofpoint_both_ways() {
+    for backend in [Backend::Rabbit, Backend::Embedded] {
+        let t = TestApp::start("flip", Options { backend, ..Options::default() }).await;
+        let alice = t.sandbox.seed_user("alice", true, "end_user");
+        t.sandbox.graph.set_account_enabled(TENANT, &alice.id, false);
+        assert!(eventually(CONVERGE, || t.sandbox.is_active(&alice) == Some(false)).await, "{backend:?}: deactivated");
+        t.sandbox.graph.set_account_enabled(TENANT, &alice.id, true);
+        assert!(eventually(CONVERGE, || t.sandbox.is_active(&alice) == Some(true)).await, "{backend:?}: re-activated");
+        // Read-modify-write kept the fields flagrelay does not know.
+        let stored = t.sandbox.proofpoint.user(&t.sandbox.org, &alice.address).unwrap();
+        assert_eq!(stored.other.get("odin_settings"), Some(&serde_json::json!({"kept": true})), "{backend:?}");
+        assert_eq!(stored.other.get("firstname"), Some(&serde_json::json!("alice")));
+        assert!(Metrics::get(&t.app.metrics.outcomes_applied_total) >= 2);
+        t.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn duplicates_reordering_and_delays_converge_to_the_final_state() {
+    let t = TestApp::start("dupes", Options::default()).await;
+    let users: Vec<_> = (0..8).map(|i| t.sandbox.seed_user(&format!("dup{i}"), true, "end_user")).collect();
+    t.sandbox.graph.set_faults(flagrelay::sim::graph::GraphSimFaults {
+        duplicate_probability: 0.5,
+        reorder_window: 5,
+        delivery_delay_ms: 20,
+        delivery_jitter_ms: 80,
+        ..Default::default()
+    });
+    // Several flips per user; the last one decides.
+    for round in 0..3 {
+        for u in &users {
+            t.sandbox.graph.set_account_enabled(TENANT, &u.id, round % 2 == 1);
+        }
+    }
+    for u in &users {
+        t.sandbox.graph.set_account_enabled(TENANT, &u.id, false);
+    }
+    assert!(
+        eventually(CONVERGE, || users.iter().all(|u| t.sandbox.is_active(u) == Some(false))).await,
+        "every user converged to Not Active"
+    );
+    t.sandbox.graph.settle(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(users.iter().all(|u| t.sandbox.is_active(u) == Some(false)), "late duplicates did not undo it");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn proofpoint_503s_are_retried_then_applied() {
+    let t = TestApp::start("pp503", Options::default()).await;
+    let bob = t.sandbox.seed_user("bob", true, "end_user");
+    t.sandbox.graph.settle(Duration::from_secs(5)).await;
+    t.sandbox.proofpoint.fail_next(3, 503);
+    t.sandbox.graph.set_account_enabled(TENANT, &bob.id, false);
+    assert!(eventually(CONVERGE, || t.sandbox.is_active(&bob) == Some(false)).await);
+    let failures = t.sandbox.proofpoint.request_log().iter().filter(|r| r.status == 503).count();
+    assert_eq!(failures, 3, "the injected failures were hit");
+    assert!(Metrics::get(&t.app.metrics.outcomes_retried_total) >= 1);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn exhausted_attempts_are_dead_lettered_with_their_reason() {
+    let t = TestApp::start("maxattempts", Options { max_attempts: 2, ..Options::default() }).await;
+    let carol = t.sandbox.seed_user("carol", true, "end_user");
+    t.sandbox.graph.settle(Duration::from_secs(5)).await;
+    t.sandbox.proofpoint.fail_for(Duration::from_secs(60), 503);
+    t.sandbox.graph.set_account_enabled(TENANT, &carol.id, false);
+    let dead = dead_letters(t.app.queue.as_ref(), 1).await;
+    let d = dead.first().expect("a dead letter");
+    assert_eq!(d.reason(), Some("max_attempts_exceeded"));
+    assert_eq!(d.headers.get(flagrelay::queue::ATTEMPT_HEADER).map(String::as_str), Some("2"));
+    assert!(d.headers.get(flagrelay::queue::LAST_ERROR_HEADER).is_some_and(|e| e.contains("503")), "{:?}", d.headers);
+    assert_eq!(t.sandbox.is_active(&carol), Some(true), "Proofpoint untouched");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_with_a_bad_signature_is_dead_lettered_and_never_applied() {
+    let t = TestApp::start("badsig", Options::default()).await;
+    let dave = t.sandbox.seed_user("dave", true, "end_user");
+    t.sandbox.graph.settle(Duration::from_secs(5)).await;
+    // Block sign-in in Graph *without* a notification, then forge one signed with a wrong key.
+    t.sandbox.graph.set_faults(flagrelay::sim::graph::GraphSimFaults { drop_probability: 1.0, ..Default::default() });
+    t.sandbox.graph.set_account_enabled(TENANT, &dave.id, false);
+    let forged = Message::UserChanged(UserChanged {
+        tenant_id: TENANT.into(),
+        user_id: dave.id.clone(),
+        change_type: "updated".into(),
+        subscription_id: None,
+        event_time: None,
+        received_at: chrono::Utc::now(),
+        origin: Origin::Manual,
+    });
+    let attacker = Signer::new("k1", SecretString::from("an attacker's key, not ours, 32+ chars".to_owned()));
+    t.app.queue.publish(&message::encode(&forged, &attacker)).await.unwrap();
+    let dead = dead_letters(t.app.queue.as_ref(), 1).await;
+    assert_eq!(dead.first().and_then(DeadLetter::reason), Some("bad_signature"));
+    assert_eq!(Metrics::get(&t.app.metrics.signature_failures_total), 1);
+    assert_eq!(t.sandbox.is_active(&dave), Some(true), "a forged message changed nothing");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn deleted_unknown_and_protected_users_are_left_alone() {
+    let t = TestApp::start("leftalone", Options::default()).await;
+    let admin = t.sandbox.seed_user("boss", true, "organization_admin");
+    let functional = t.sandbox.seed_user("sales", true, "functional_account");
+    let gone = t.sandbox.seed_user("gone", true, "end_user");
+    t.sandbox.graph.settle(Duration::from_secs(5)).await;
+    t.sandbox.graph.set_account_enabled(TENANT, &admin.id, false);
+    t.sandbox.graph.set_account_enabled(TENANT, &functional.id, false);
+    t.sandbox.graph.delete_user(TENANT, &gone.id);
+    // A user Proofpoint does not know.
+    t.sandbox.graph.upsert_user(TENANT, flagrelay::graph::GraphUser {
+        id: "ext-1".into(),
+        account_enabled: Some(false),
+        mail: Some("stranger@contoso.test".into()),
+        ..Default::default()
+    });
+    assert!(eventually(CONVERGE, || Metrics::get(&t.app.metrics.outcomes_skipped_total) >= 4).await);
+    assert_eq!(t.sandbox.is_active(&admin), Some(true));
+    assert_eq!(t.sandbox.is_active(&functional), Some(true));
+    assert_eq!(t.sandbox.is_active(&gone), Some(true));
+    assert_eq!(Metrics::get(&t.app.metrics.outcomes_applied_total), 0);
+    t.stop().await;
+}
