@@ -54,7 +54,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub receiver: ReceiverConfig,
@@ -66,21 +66,6 @@ pub struct Config {
     pub signing: SigningConfig,
     pub worker: WorkerConfig,
     pub log: LogConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            receiver: ReceiverConfig::default(),
-            graph: GraphConfig::default(),
-            proofpoint: ProofpointConfig::default(),
-            tenants: Vec::new(),
-            amqp: AmqpConfig::default(),
-            signing: SigningConfig::default(),
-            worker: WorkerConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -38,8 +38,8 @@ impl Outcome {
             Outcome::Applied { .. } => "applied",
             Outcome::NoChange { .. } => "no_change",
             Outcome::Skipped { .. } => "skipped",
-            Outcome::Transient { .. } => "retrying",
-            Outcome::Permanent { .. } => "dead_lettered",
+            // A transient outcome only reaches an event when its attempts are exhausted.
+            Outcome::Transient { .. } | Outcome::Permanent { .. } => "dead_lettered",
         }
     }
 }

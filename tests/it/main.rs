@@ -9,3 +9,4 @@ mod support;
 mod pipeline;
 mod queue_conformance;
 mod receiver;
+mod schemas;
