@@ -55,10 +55,10 @@ impl App {
             ),
         };
         let graph = Arc::new(GraphClient::new(&config.graph).context("building the Graph client")?);
-        let proofpoint = Arc::new(ProofpointClient::new(
-            config.proofpoint.requests_per_second,
-            config.proofpoint.request_timeout,
-        ));
+        let proofpoint = Arc::new(
+            ProofpointClient::from_config(&config.proofpoint)
+                .context("building the Proofpoint client")?,
+        );
         Ok(Self::with_parts(config, queue, graph, proofpoint))
     }
 
@@ -116,13 +116,20 @@ impl App {
             },
             WorkerSettings {
                 concurrency: w.concurrency,
-                retry: RetryPolicy { max_attempts: w.max_attempts, backoff_base: w.backoff_base, backoff_max: w.backoff_max },
+                retry: RetryPolicy {
+                    max_attempts: w.max_attempts,
+                    backoff_base: w.backoff_base,
+                    backoff_max: w.backoff_max,
+                },
                 dry_run: w.dry_run,
                 shutdown_deadline: Duration::from_secs(20),
             },
             self.config.signing.verifier(),
             self.config.signing.signer(),
-            self.config.tenants.iter().map(|t| (t.id.clone(), self.config.org_access(t))),
+            self.config
+                .tenants
+                .iter()
+                .map(|t| (t.id.clone(), self.config.org_access(t))),
         )
     }
 
@@ -130,7 +137,9 @@ impl App {
     /// again when it connects, and the receiver answers 503 meanwhile).
     async fn declare(&self) {
         if !self.queue.durable() {
-            tracing::warn!("using the EMBEDDED queue: not durable, messages are lost when this process exits; set amqp.url for production");
+            tracing::warn!(
+                "using the EMBEDDED queue: not durable, messages are lost when this process exits; set amqp.url for production"
+            );
         }
         if let Err(error) = self.queue.declare().await {
             tracing::error!(%error, "could not declare the queue topology now; will retry on reconnect");
@@ -138,7 +147,11 @@ impl App {
     }
 
     /// Run the receiver on `listener` until `shutdown`; in-flight requests finish first.
-    pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         self.declare().await;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "receiver listening");
@@ -155,9 +168,16 @@ impl App {
     }
 
     /// Receiver and worker in one process.
-    pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let worker = self.worker();
-        let (served, worked) = tokio::join!(self.serve(listener, shutdown.clone()), worker.run(shutdown.clone()));
+        let (served, worked) = tokio::join!(
+            self.serve(listener, shutdown.clone()),
+            worker.run(shutdown.clone())
+        );
         served?;
         worked.context("worker failed")
     }

@@ -13,7 +13,11 @@ use crate::config::{Config, ConfigError, LogConfig};
 use crate::{demo, shutdown, sim, telemetry};
 
 #[derive(Debug, Parser)]
-#[command(name = "flagrelay", version, about = "Converge Proofpoint Essentials to Entra ID sign-in state within seconds, by policy.")]
+#[command(
+    name = "flagrelay",
+    version,
+    about = "Converge Proofpoint Essentials to Entra ID sign-in state within seconds, by policy."
+)]
 pub struct Cli {
     /// TOML configuration file (every key can be overridden by FLAGRELAY_<SECTION>__<KEY>).
     #[arg(long, global = true, env = "FLAGRELAY_CONFIG")]
@@ -69,12 +73,20 @@ pub struct SimArgs {
     /// App registration accepted by the Graph simulator.
     #[arg(long, default_value = "flagrelay-sim-app")]
     pub client_id: String,
-    #[arg(long, env = "FLAGRELAY_SIM_CLIENT_SECRET", default_value = "sim-client-secret")]
+    #[arg(
+        long,
+        env = "FLAGRELAY_SIM_CLIENT_SECRET",
+        default_value = "sim-client-secret"
+    )]
     pub client_secret: String,
     /// Proofpoint admin accepted by the simulator.
     #[arg(long, default_value = "admin@example.com")]
     pub proofpoint_user: String,
-    #[arg(long, env = "FLAGRELAY_SIM_PROOFPOINT_PASSWORD", default_value = "sim-password")]
+    #[arg(
+        long,
+        env = "FLAGRELAY_SIM_PROOFPOINT_PASSWORD",
+        default_value = "sim-password"
+    )]
     pub proofpoint_password: String,
     /// Seed this many users (user1..userN@org) in both simulators.
     #[arg(long, default_value_t = 10)]
@@ -84,7 +96,10 @@ pub struct SimArgs {
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");
@@ -104,7 +119,10 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 async fn dispatch(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => {
-            telemetry::init(&LogConfig { format: "text".into(), filter: "warn".into() });
+            telemetry::init(&LogConfig {
+                format: "text".into(),
+                filter: "warn".into(),
+            });
             return demo::run(args).await;
         }
         Command::Sim(args) => {
@@ -156,9 +174,11 @@ async fn run_service(command: Command, cfg: Config) -> anyhow::Result<()> {
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("invalid configuration value for `receiver.listen`: cannot listen on {addr}: {e}"))
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "invalid configuration value for `receiver.listen`: cannot listen on {addr}: {e}"
+        )
+    })
 }
 
 /// Parse a humantime duration for clap.

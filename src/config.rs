@@ -580,7 +580,11 @@ impl Config {
 fn env_provider() -> Env {
     Env::prefixed("FLAGRELAY_")
         .split("__")
-        .filter(|key| SECTIONS.contains(&key.as_str().split('.').next().unwrap_or("")))
+        // Keys are not lower-cased yet when the filter sees them, and may still hold `__`.
+        .filter(|key| {
+            let section = key.as_str().split(['.', '_']).next().unwrap_or("");
+            SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
+        })
 }
 
 fn resolve_secret(
@@ -777,6 +781,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type
     fn environment_overrides_the_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("f.toml", VALID)?;
@@ -788,8 +793,13 @@ mod tests {
             assert_eq!(c.amqp.shards, 12);
             assert_eq!(c.graph.client_id, "from-env");
             jail.set_env("FLAGRELAY_AMQP__SHARDS", "many");
-            let err = Config::load(Some(Path::new("f.toml"))).unwrap_err().to_string();
-            assert!(err.contains("shards"), "{err}");
+            let err = Config::load(Some(Path::new("f.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.to_lowercase().contains("amqp.shards"),
+                "names the key: {err}"
+            );
             Ok(())
         });
     }

@@ -102,21 +102,40 @@ fn raw(item: &serde_json::Value) -> Result<RawItem, ItemError> {
 fn plausible_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
 }
 
 fn checked(id: Option<String>, missing: ItemError) -> Result<String, ItemError> {
-    let id = id.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).ok_or(missing)?;
-    if plausible_id(&id) { Ok(id) } else { Err(ItemError::BadIdentifier) }
+    let id = id
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .ok_or(missing)?;
+    if plausible_id(&id) {
+        Ok(id)
+    } else {
+        Err(ItemError::BadIdentifier)
+    }
 }
 
 fn parse_time(raw: Option<&str>) -> Option<DateTime<Utc>> {
-    raw.and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map(|t| t.with_timezone(&Utc))
+    raw.and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
 }
 
 fn tenant_of(r: &RawItem) -> Result<String, ItemError> {
-    let from_data = r.resource_data.as_ref().and_then(|d| d.organization_id.clone());
-    checked(r.tenant_id.clone().or(r.organization_id.clone()).or(from_data), ItemError::MissingTenant)
+    let from_data = r
+        .resource_data
+        .as_ref()
+        .and_then(|d| d.organization_id.clone());
+    checked(
+        r.tenant_id
+            .clone()
+            .or(r.organization_id.clone())
+            .or(from_data),
+        ItemError::MissingTenant,
+    )
 }
 
 /// The user id from `resource` (`Users/<id>` in any casing), when `resourceData.id` is absent.
@@ -138,7 +157,10 @@ pub fn parse_change(item: &serde_json::Value) -> Result<ChangeNotification, Item
         None => None,
     };
     let data = r.resource_data.as_ref();
-    let user_id = checked(data.and_then(|d| d.id.clone()).or(from_resource), ItemError::MissingUser)?;
+    let user_id = checked(
+        data.and_then(|d| d.id.clone()).or(from_resource),
+        ItemError::MissingUser,
+    )?;
     let sequence_number = data.and_then(|d| match &d.sequence_number {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(serde_json::Value::Number(n)) => Some(n.to_string()),
@@ -207,40 +229,108 @@ mod tests {
             let mut item = documented();
             edit(&mut item);
             let n = parse_change(&item).unwrap_or_else(|e| panic!("{item}: {e}"));
-            assert_eq!((n.tenant_id.as_str(), n.user_id.as_str()), (tenant, user), "{item}");
+            assert_eq!(
+                (n.tenant_id.as_str(), n.user_id.as_str()),
+                (tenant, user),
+                "{item}"
+            );
         }
-        check(|i| { i.as_object_mut().unwrap().remove("tenantId"); }, "t-1", "u-1");
-        check(|i| i["resourceData"]["sequenceNumber"] = json!(42), "t-1", "u-1");
+        check(
+            |i| {
+                i.as_object_mut().unwrap().remove("tenantId");
+            },
+            "t-1",
+            "u-1",
+        );
+        check(
+            |i| i["resourceData"]["sequenceNumber"] = json!(42),
+            "t-1",
+            "u-1",
+        );
         check(|i| i["resource"] = json!("users/u-1"), "t-1", "u-1");
-        check(|i| i["resourceData"]["@odata.type"] = json!("#Microsoft.Graph.Group"), "t-1", "u-1");
-        check(|i| { i["resourceData"].as_object_mut().unwrap().remove("id"); }, "t-1", "u-1");
-        check(|i| i["unknownField"] = json!({"deep": [1, 2]}), "t-1", "u-1");
+        check(
+            |i| i["resourceData"]["@odata.type"] = json!("#Microsoft.Graph.Group"),
+            "t-1",
+            "u-1",
+        );
+        check(
+            |i| {
+                i["resourceData"].as_object_mut().unwrap().remove("id");
+            },
+            "t-1",
+            "u-1",
+        );
+        check(
+            |i| i["unknownField"] = json!({"deep": [1, 2]}),
+            "t-1",
+            "u-1",
+        );
     }
 
     #[test]
     fn rejects_items_precisely() {
-        let cases: Vec<(Box<dyn Fn(&mut serde_json::Value)>, ItemError)> = vec![
-            (Box::new(|i| { i.as_object_mut().unwrap().remove("tenantId"); i["resourceData"].as_object_mut().unwrap().remove("organizationId"); }), ItemError::MissingTenant),
-            (Box::new(|i| { i["resourceData"].as_object_mut().unwrap().remove("id"); i.as_object_mut().unwrap().remove("resource"); }), ItemError::MissingUser),
-            (Box::new(|i| i["resource"] = json!("Groups/g-1")), ItemError::NotAUser("Groups".into())),
-            (Box::new(|i| i["resourceData"]["id"] = json!("../../admin")), ItemError::BadIdentifier),
-            (Box::new(|i| i["tenantId"] = json!(17)), ItemError::Malformed),
+        type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(Edit, ItemError)> = vec![
+            (
+                Box::new(|i| {
+                    i.as_object_mut().unwrap().remove("tenantId");
+                    i["resourceData"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("organizationId");
+                }),
+                ItemError::MissingTenant,
+            ),
+            (
+                Box::new(|i| {
+                    i["resourceData"].as_object_mut().unwrap().remove("id");
+                    i.as_object_mut().unwrap().remove("resource");
+                }),
+                ItemError::MissingUser,
+            ),
+            (
+                Box::new(|i| i["resource"] = json!("Groups/g-1")),
+                ItemError::NotAUser("Groups".into()),
+            ),
+            (
+                Box::new(|i| i["resourceData"]["id"] = json!("../../admin")),
+                ItemError::BadIdentifier,
+            ),
+            (
+                Box::new(|i| i["tenantId"] = json!(17)),
+                ItemError::Malformed,
+            ),
         ];
         for (edit, expected) in cases {
             let mut item = documented();
             edit(&mut item);
             assert_eq!(parse_change(&item), Err(expected), "{item}");
         }
-        assert_eq!(parse_change(&json!("just a string")), Err(ItemError::Malformed));
+        assert_eq!(
+            parse_change(&json!("just a string")),
+            Err(ItemError::Malformed)
+        );
     }
 
     #[test]
     fn collection_needs_a_value_array() {
-        assert_eq!(parse_collection(br#"{"value":[{"a":1}]}"#).unwrap().len(), 1);
-        assert!(matches!(parse_collection(b"{}"), Err(CollectionError::NoValue)));
-        assert!(matches!(parse_collection(b"{\"value\":"), Err(CollectionError::Json(_))));
+        assert_eq!(
+            parse_collection(br#"{"value":[{"a":1}]}"#).unwrap().len(),
+            1
+        );
+        assert!(matches!(
+            parse_collection(b"{}"),
+            Err(CollectionError::NoValue)
+        ));
+        assert!(matches!(
+            parse_collection(b"{\"value\":"),
+            Err(CollectionError::Json(_))
+        ));
         let deep = "[".repeat(10_000);
-        assert!(matches!(parse_collection(deep.as_bytes()), Err(CollectionError::Json(_))));
+        assert!(matches!(
+            parse_collection(deep.as_bytes()),
+            Err(CollectionError::Json(_))
+        ));
     }
 
     #[test]
@@ -249,7 +339,13 @@ mod tests {
             "subscriptionExpirationDateTime": "2026-12-01T10:00:00+00:00", "clientState": "s",
             "organizationId": "t-1"});
         let l = parse_lifecycle(&item).unwrap();
-        assert_eq!((l.tenant_id.as_str(), l.lifecycle_event.as_str()), ("t-1", "reauthorizationRequired"));
-        assert_eq!(parse_lifecycle(&json!({"subscriptionId": "s", "tenantId": "t"})), Err(ItemError::MissingLifecycleEvent));
+        assert_eq!(
+            (l.tenant_id.as_str(), l.lifecycle_event.as_str()),
+            ("t-1", "reauthorizationRequired")
+        );
+        assert_eq!(
+            parse_lifecycle(&json!({"subscriptionId": "s", "tenantId": "t"})),
+            Err(ItemError::MissingLifecycleEvent)
+        );
     }
 }

@@ -117,15 +117,29 @@ mod tests {
     use super::*;
 
     fn check(enabled: Option<bool>, pp_type: &str, expected: Action, rule: &str) {
-        let user = GraphUser { id: "u".into(), account_enabled: enabled, ..Default::default() };
+        let user = GraphUser {
+            id: "u".into(),
+            account_enabled: enabled,
+            ..Default::default()
+        };
         let pp = PpUser {
             primary_email: "u@example.com".into(),
             user_type: Some(pp_type.into()),
             is_active: true,
             other: Default::default(),
         };
-        let d = MirrorPolicy.decide(&Facts { user: &user, proofpoint: &pp }, Utc::now());
-        assert_eq!((d.action, d.rule.as_str()), (expected, rule), "{enabled:?} {pp_type}");
+        let d = MirrorPolicy.decide(
+            &Facts {
+                user: &user,
+                proofpoint: &pp,
+            },
+            Utc::now(),
+        );
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (expected, rule),
+            "{enabled:?} {pp_type}"
+        );
     }
 
     #[test]
@@ -134,7 +148,12 @@ mod tests {
         check(Some(false), "end_user", Action::Deactivate, "mirror");
         check(Some(false), "silent_user", Action::Deactivate, "mirror");
         check(None, "end_user", Action::Ignore, "mirror");
-        check(Some(false), "functional_account", Action::Ignore, "guard:functional_account");
+        check(
+            Some(false),
+            "functional_account",
+            Action::Ignore,
+            "guard:functional_account",
+        );
         for admin in crate::proofpoint::ADMIN_TYPES {
             check(Some(false), admin, Action::Ignore, "guard:admin");
         }

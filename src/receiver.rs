@@ -45,7 +45,9 @@ pub struct ReceiverState {
 
 impl std::fmt::Debug for ReceiverState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReceiverState").field("tenants", &self.tenants).finish_non_exhaustive()
+        f.debug_struct("ReceiverState")
+            .field("tenants", &self.tenants)
+            .finish_non_exhaustive()
     }
 }
 
@@ -69,7 +71,12 @@ impl ReceiverState {
     ) -> Self {
         Self {
             client_state,
-            tenants: Arc::new(tenants.into_iter().map(|t| t.to_ascii_lowercase()).collect()),
+            tenants: Arc::new(
+                tenants
+                    .into_iter()
+                    .map(|t| t.to_ascii_lowercase())
+                    .collect(),
+            ),
             queue,
             signer,
             metrics,
@@ -117,7 +124,9 @@ enum WebhookError {
 impl IntoResponse for WebhookError {
     fn into_response(self) -> Response {
         let status = match &self {
-            Self::BadValidationToken | Self::EmptyBody | Self::BadCollection(_) => StatusCode::BAD_REQUEST,
+            Self::BadValidationToken | Self::EmptyBody | Self::BadCollection(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooManyItems(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -125,7 +134,10 @@ impl IntoResponse for WebhookError {
         let mut resp = (status, self.to_string()).into_response();
         if let Self::Unavailable(after) = self {
             let secs = after.as_secs().max(1).to_string();
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_str(&secs).expect("digits"));
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&secs).expect("digits"),
+            );
         }
         resp
     }
@@ -213,7 +225,10 @@ async fn handle(
         })
         .collect();
 
-    let encoded: Vec<_> = messages.iter().map(|m| message::encode(m, &state.signer)).collect();
+    let encoded: Vec<_> = messages
+        .iter()
+        .map(|m| message::encode(m, &state.signer))
+        .collect();
     let results = futures::future::join_all(encoded.iter().map(|e| state.queue.publish(e))).await;
     let failures: Vec<_> = results.into_iter().filter_map(Result::err).collect();
     if let Some(first) = failures.first() {
@@ -226,7 +241,10 @@ async fn handle(
         );
         return Err(WebhookError::Unavailable(state.retry_after));
     }
-    state.metrics.notifications_enqueued_total.fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    state
+        .metrics
+        .notifications_enqueued_total
+        .fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
     for e in &encoded {
         tracing::debug!(message_id = %e.id, shard_key = %e.shard_key, "enqueued");
     }
@@ -255,7 +273,10 @@ impl ReceiverState {
             );
             return None;
         }
-        if !self.tenants.contains(&message.tenant_id().to_ascii_lowercase()) {
+        if !self
+            .tenants
+            .contains(&message.tenant_id().to_ascii_lowercase())
+        {
             Metrics::inc(&self.metrics.notifications_dropped_unknown_tenant_total);
             tracing::warn!(tenant_id = %message.tenant_id(), "dropping a notification item for a tenant that is not configured");
             return None;
@@ -273,9 +294,14 @@ fn validation_token(query: Option<&str>) -> Option<String> {
 fn handshake(state: &ReceiverState, token: String) -> Result<Response, WebhookError> {
     let acceptable = !token.is_empty()
         && token.len() <= MAX_VALIDATION_TOKEN
-        && !token.chars().any(|c| c.is_control() || matches!(c, '<' | '>'));
+        && !token
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '<' | '>'));
     if !acceptable {
-        tracing::warn!(len = token.len(), "refusing a validation token with markup, control characters or absurd length");
+        tracing::warn!(
+            len = token.len(),
+            "refusing a validation token with markup, control characters or absurd length"
+        );
         return Err(WebhookError::BadValidationToken);
     }
     Metrics::inc(&state.metrics.handshakes_total);
@@ -283,8 +309,14 @@ fn handshake(state: &ReceiverState, token: String) -> Result<Response, WebhookEr
     Ok((
         StatusCode::OK,
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")),
-            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
         ],
         token,
     )
@@ -301,7 +333,10 @@ async fn readyz(State(state): State<ReceiverState>) -> Response {
 
 async fn metrics(State(state): State<ReceiverState>) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
         state.metrics.render(),
     )
         .into_response()

@@ -1,1 +1,552 @@
-//! TODO
+//! [`GraphClient`]: the HTTP implementation of [`GraphApi`] over one `reqwest::Client`.
+//!
+//! Authentication is app-only, by the client-credentials grant with a secret. Tokens are
+//! cached per tenant and refreshed ahead of expiry (5 minutes, or a tenth of the lifetime
+//! when that is shorter), one refresh at a time per tenant. A 401 from Graph drops the cached
+//! token and retries once (tokens can be revoked). Throttling is *not* retried here: the
+//! worker's queue retry does that, honouring [`GraphError::retry_after`].
+//!
+//! All status handling is in `into_result`; nothing else looks at status codes except to
+//! read `404` as "no such user".
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use super::{GraphApi, GraphError, GraphUser, NewSubscription, Subscription};
+use crate::config::GraphConfig;
+
+/// Refresh a cached token this long before it expires (at most; see [`refresh_margin`]).
+const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// `POST /subscriptions` waits for Graph's validation handshake (up to 10 s) to complete,
+/// so it gets at least this much time whatever the configured request timeout.
+const CREATE_SUBSCRIPTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Error bodies are kept in errors and logs up to this many bytes.
+const MAX_ERROR_BODY: usize = 2048;
+/// A guard against a server that pages forever.
+const MAX_PAGES: usize = 1000;
+
+/// Why a [`GraphClient`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphClientError {
+    #[error("graph.client_secret is not set")]
+    MissingSecret,
+    #[error("`{key}` must be an http(s) URL, got {url}")]
+    InvalidUrl { key: &'static str, url: Url },
+    #[error("could not build the HTTP client")]
+    Http(#[source] reqwest::Error),
+}
+
+/// What a [`GraphClient`] needs, when not built from [`GraphConfig`].
+pub struct GraphClientSettings {
+    /// Entra authority, e.g. `https://login.microsoftonline.com`.
+    pub authority_url: Url,
+    /// Graph API base with the version segment, e.g. `https://graph.microsoft.com/v1.0`.
+    pub api_url: Url,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    /// Whole-request timeout (connect, send, read the answer).
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for GraphClientSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphClientSettings")
+            .field("authority_url", &self.authority_url.as_str())
+            .field("api_url", &self.api_url.as_str())
+            .field("client_id", &self.client_id)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A cached app-only token of one tenant.
+struct CachedToken {
+    access_token: SecretString,
+    /// Fetch a new one from here on.
+    refresh_at: Instant,
+    /// Still usable until here if a refresh fails transiently.
+    expires_at: Instant,
+}
+
+/// Per-tenant token slot. The async mutex makes refreshes single-flight per tenant.
+type TokenSlot = Arc<tokio::sync::Mutex<Option<CachedToken>>>;
+
+/// The Microsoft Graph client. `Debug` never shows the secret or tokens.
+pub struct GraphClient {
+    http: reqwest::Client,
+    authority_url: Url,
+    api_url: Url,
+    /// `{api origin}/.default`: see [`scope_for`].
+    scope: String,
+    client_id: String,
+    client_secret: SecretString,
+    request_timeout: Duration,
+    /// Keyed by lower-cased tenant id (tenant GUIDs compare case-insensitively).
+    tokens: Mutex<HashMap<String, TokenSlot>>,
+}
+
+impl std::fmt::Debug for GraphClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tenants = self.tokens.lock().map(|t| t.len()).unwrap_or(0);
+        f.debug_struct("GraphClient")
+            .field("authority_url", &self.authority_url.as_str())
+            .field("api_url", &self.api_url.as_str())
+            .field("scope", &self.scope)
+            .field("client_id", &self.client_id)
+            .field("cached_tenants", &tenants)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The client-credentials scope for a Graph API base: `{origin}/.default`, i.e.
+/// `https://graph.microsoft.com/.default` for the public cloud. Deriving it from the API
+/// URL (rather than hard-coding the public host) makes national clouds
+/// (`graph.microsoft.us`, `microsoftgraph.chinacloudapi.cn`) and simulators work with the
+/// one `api_url` setting.
+pub fn scope_for(api_url: &Url) -> String {
+    format!("{}/.default", api_url.origin().ascii_serialization())
+}
+
+/// How long before expiry a token is refreshed: 5 minutes, or a tenth of its lifetime.
+fn refresh_margin(lifetime: Duration) -> Duration {
+    REFRESH_MARGIN.min(lifetime / 10)
+}
+
+impl GraphClient {
+    /// Build from the validated configuration.
+    pub fn new(cfg: &GraphConfig) -> Result<Self, GraphClientError> {
+        Self::from_settings(GraphClientSettings {
+            authority_url: cfg.authority_url.clone(),
+            api_url: cfg.api_url.clone(),
+            client_id: cfg.client_id.clone(),
+            client_secret: cfg
+                .client_secret
+                .clone()
+                .ok_or(GraphClientError::MissingSecret)?,
+            request_timeout: cfg.request_timeout,
+        })
+    }
+
+    pub fn from_settings(s: GraphClientSettings) -> Result<Self, GraphClientError> {
+        for (key, url) in [
+            ("graph.authority_url", &s.authority_url),
+            ("graph.api_url", &s.api_url),
+        ] {
+            if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+                return Err(GraphClientError::InvalidUrl {
+                    key,
+                    url: url.clone(),
+                });
+            }
+        }
+        let http = reqwest::Client::builder()
+            .timeout(s.request_timeout)
+            .connect_timeout(s.request_timeout)
+            .user_agent(concat!("flagrelay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(GraphClientError::Http)?;
+        Ok(Self {
+            http,
+            scope: scope_for(&s.api_url),
+            authority_url: s.authority_url,
+            api_url: s.api_url,
+            client_id: s.client_id,
+            client_secret: s.client_secret,
+            request_timeout: s.request_timeout,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The scope requested with every token (`{api origin}/.default`).
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// `base` with `segments` appended, each percent-encoded as one path segment.
+    fn url_with(base: &Url, segments: &[&str]) -> Url {
+        let mut url = base.clone();
+        // Cannot fail: both bases were checked to be http(s) URLs in `from_settings`.
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    fn slot(&self, tenant_id: &str) -> TokenSlot {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens
+            .entry(tenant_id.to_ascii_lowercase())
+            .or_default()
+            .clone()
+    }
+
+    /// A valid token for the tenant: cached, or fetched (one fetch at a time per tenant).
+    async fn access_token(&self, tenant_id: &str) -> Result<SecretString, GraphError> {
+        let slot = self.slot(tenant_id);
+        let mut cached = slot.lock().await;
+        let now = Instant::now();
+        if let Some(t) = cached.as_ref()
+            && now < t.refresh_at
+        {
+            return Ok(t.access_token.clone());
+        }
+        match self.fetch_token(tenant_id).await {
+            Ok(fresh) => {
+                let token = fresh.access_token.clone();
+                *cached = Some(fresh);
+                Ok(token)
+            }
+            // Entra hiccups while the old token still has minutes left: keep using it.
+            Err(error) if error.is_retryable() => match cached.as_ref() {
+                Some(t) if Instant::now() < t.expires_at => {
+                    tracing::warn!(tenant = tenant_id, %error, "graph token refresh failed; using the current token until it expires");
+                    Ok(t.access_token.clone())
+                }
+                _ => Err(error),
+            },
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Forget the tenant's token if it is still the one Graph refused.
+    async fn invalidate_token(&self, tenant_id: &str, refused: &SecretString) {
+        let slot = self.slot(tenant_id);
+        let mut cached = slot.lock().await;
+        if cached
+            .as_ref()
+            .is_some_and(|t| t.access_token.expose_secret() == refused.expose_secret())
+        {
+            *cached = None;
+        }
+    }
+
+    async fn fetch_token(&self, tenant_id: &str) -> Result<CachedToken, GraphError> {
+        let url = Self::url_with(&self.authority_url, &[tenant_id, "oauth2", "v2.0", "token"]);
+        let form = [
+            ("client_id", self.client_id.as_str()),
+            ("client_secret", self.client_secret.expose_secret()),
+            ("scope", self.scope.as_str()),
+            ("grant_type", "client_credentials"),
+        ];
+        let started = Instant::now();
+        let resp = self
+            .http
+            .post(url)
+            .form(&form)
+            .send()
+            .await
+            .map_err(send_error)?;
+        let resp = into_result(resp, Endpoint::Token).await?;
+        let answer: TokenAnswer = read_json(resp).await?;
+        let lifetime = answer
+            .expires_in
+            .seconds()
+            .map(Duration::from_secs)
+            .ok_or_else(|| GraphError::Rejected {
+                status: 200,
+                body: "token answer without a usable expires_in".into(),
+            })?;
+        if !answer.token_type.eq_ignore_ascii_case("bearer") || answer.access_token.is_empty() {
+            return Err(GraphError::Rejected {
+                status: 200,
+                body: format!(
+                    "unexpected token answer (token_type {:?})",
+                    answer.token_type
+                ),
+            });
+        }
+        tracing::debug!(
+            tenant = tenant_id,
+            expires_in_secs = lifetime.as_secs(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "graph token acquired"
+        );
+        let expires_at = started + lifetime;
+        Ok(CachedToken {
+            access_token: SecretString::from(answer.access_token),
+            refresh_at: expires_at - refresh_margin(lifetime),
+            expires_at,
+        })
+    }
+
+    /// Send an authenticated API request built by `build` (called again for the one retry
+    /// after a 401), with a fresh `client-request-id` each time.
+    async fn send(
+        &self,
+        tenant_id: &str,
+        op: &'static str,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, GraphError> {
+        let mut retried_401 = false;
+        loop {
+            let token = self.access_token(tenant_id).await?;
+            let client_request_id = uuid::Uuid::new_v4().to_string();
+            let request = build(&self.http)
+                .bearer_auth(token.expose_secret())
+                .header("client-request-id", &client_request_id)
+                .build()
+                .map_err(send_error)?;
+            let method = request.method().clone();
+            let path = request.url().path().to_owned();
+            let started = Instant::now();
+            let resp = match self.http.execute(request).await {
+                Ok(resp) => resp,
+                Err(error) => {
+                    tracing::debug!(
+                        tenant = tenant_id,
+                        op,
+                        %method,
+                        path = %path,
+                        client_request_id = %client_request_id,
+                        %error,
+                        "graph request failed"
+                    );
+                    return Err(send_error(error));
+                }
+            };
+            tracing::debug!(
+                tenant = tenant_id,
+                op,
+                %method,
+                path = %path,
+                client_request_id = %client_request_id,
+                request_id = header_str(resp.headers(), "request-id").unwrap_or(""),
+                status = resp.status().as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "graph response"
+            );
+            match into_result(resp, Endpoint::Api).await {
+                Err(GraphError::Unauthorized { status: 401, .. }) if !retried_401 => {
+                    tracing::info!(
+                        tenant = tenant_id,
+                        op,
+                        "graph refused the cached token; fetching a new one"
+                    );
+                    retried_401 = true;
+                    self.invalidate_token(tenant_id, &token).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl GraphApi for GraphClient {
+    async fn get_user(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        select: &[&str],
+    ) -> Result<Option<GraphUser>, GraphError> {
+        // `.`/`..` would be dropped or resolved by URL path handling and read another resource.
+        if user_id.trim().is_empty() || user_id == "." || user_id == ".." {
+            return Err(GraphError::Rejected {
+                status: 400,
+                body: format!("refused locally: {user_id:?} is not a user id"),
+            });
+        }
+        let mut url = Self::url_with(&self.api_url, &["users", user_id]);
+        if !select.is_empty() {
+            let list: Vec<String> = select
+                .iter()
+                .map(|p| url::form_urlencoded::byte_serialize(p.as_bytes()).collect())
+                .collect();
+            url.set_query(Some(&format!("$select={}", list.join(","))));
+        }
+        match self
+            .send(tenant_id, "get_user", |h| h.get(url.clone()))
+            .await
+        {
+            Ok(resp) => read_json(resp).await.map(Some),
+            Err(GraphError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create_subscription(
+        &self,
+        tenant_id: &str,
+        sub: &NewSubscription,
+    ) -> Result<Subscription, GraphError> {
+        let url = Self::url_with(&self.api_url, &["subscriptions"]);
+        let timeout = self.request_timeout.max(CREATE_SUBSCRIPTION_TIMEOUT);
+        tracing::debug!(
+            tenant = tenant_id,
+            resource = %sub.resource,
+            change_type = %sub.change_type,
+            notification_url = %sub.notification_url,
+            "creating graph subscription"
+        );
+        let resp = self
+            .send(tenant_id, "create_subscription", |h| {
+                h.post(url.clone()).timeout(timeout).json(sub)
+            })
+            .await?;
+        read_json(resp).await
+    }
+
+    async fn list_subscriptions(&self, tenant_id: &str) -> Result<Vec<Subscription>, GraphError> {
+        let mut next = Some(Self::url_with(&self.api_url, &["subscriptions"]));
+        let mut all = Vec::new();
+        let mut pages = 0;
+        while let Some(url) = next.take() {
+            pages += 1;
+            if pages > MAX_PAGES {
+                return Err(GraphError::Rejected {
+                    status: 200,
+                    body: format!("more than {MAX_PAGES} pages of subscriptions"),
+                });
+            }
+            let resp = self
+                .send(tenant_id, "list_subscriptions", |h| h.get(url.clone()))
+                .await?;
+            let page: Page<Subscription> = read_json(resp).await?;
+            all.extend(page.value);
+            if let Some(link) = page.next_link {
+                next = Some(self.same_origin(&link)?);
+            }
+        }
+        Ok(all)
+    }
+}
+
+impl GraphClient {
+    /// A next link, refused unless it points at the configured API origin: the bearer token
+    /// must never be sent anywhere else.
+    fn same_origin(&self, link: &str) -> Result<Url, GraphError> {
+        let url = Url::parse(link).map_err(|_| GraphError::Rejected {
+            status: 200,
+            body: format!("unparseable @odata.nextLink {link:?}"),
+        })?;
+        if url.origin() != self.api_url.origin() {
+            return Err(GraphError::Rejected {
+                status: 200,
+                body: format!("@odata.nextLink {link:?} leaves the Graph API origin"),
+            });
+        }
+        Ok(url)
+    }
+}
+
+/// Which endpoint answered: the token endpoint reports bad credentials as 400 or 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Token,
+    Api,
+}
+
+/// The one place where HTTP statuses become [`GraphError`]s. 2xx passes the response on.
+async fn into_result(
+    resp: reqwest::Response,
+    endpoint: Endpoint,
+) -> Result<reqwest::Response, GraphError> {
+    let status = resp.status().as_u16();
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let retry_after = parse_retry_after(resp.headers(), Utc::now());
+    // The body of an Entra or Graph error carries no secret (the request form is never
+    // echoed); it is kept, capped, for the operator.
+    let body = error_body(resp).await;
+    Err(match status {
+        429 | 503 => GraphError::Throttled {
+            status,
+            retry_after,
+        },
+        500..=599 => GraphError::Server { status, body },
+        401 | 403 => GraphError::Unauthorized { status, body },
+        400 if endpoint == Endpoint::Token => GraphError::Unauthorized { status, body },
+        _ => GraphError::Rejected { status, body },
+    })
+}
+
+fn send_error(error: reqwest::Error) -> GraphError {
+    if error.is_timeout() {
+        GraphError::Timeout
+    } else {
+        GraphError::Transport(error)
+    }
+}
+
+async fn error_body(resp: reqwest::Response) -> String {
+    match resp.bytes().await {
+        Ok(bytes) => {
+            let cut = &bytes[..bytes.len().min(MAX_ERROR_BODY)];
+            String::from_utf8_lossy(cut).into_owned()
+        }
+        Err(e) => format!("<error body unreadable: {}>", e.without_url()),
+    }
+}
+
+/// Read a 2xx answer as JSON; a body that does not parse is [`GraphError::Rejected`].
+async fn read_json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, GraphError> {
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.map_err(send_error)?;
+    serde_json::from_slice(&bytes).map_err(|e| GraphError::Rejected {
+        status,
+        body: format!("unexpected answer ({e})"),
+    })
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `Retry-After` as delta-seconds (Graph's form) or, leniently, an HTTP-date.
+fn parse_retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Option<Duration> {
+    let raw = header_str(headers, RETRY_AFTER.as_str())?.trim();
+    if let Ok(secs) = raw.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = raw.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).ok();
+    }
+    let at = DateTime::parse_from_rfc2822(raw).ok()?.with_timezone(&Utc);
+    Some((at - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The token endpoint's answer. Not `Debug`: it holds the token.
+#[derive(Deserialize)]
+struct TokenAnswer {
+    token_type: String,
+    expires_in: ExpiresIn,
+    access_token: String,
+}
+
+/// `expires_in` is a number from the v2 endpoint; older endpoints sent a string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ExpiresIn {
+    Number(u64),
+    Text(String),
+}
+
+impl ExpiresIn {
+    fn seconds(&self) -> Option<u64> {
+        match self {
+            Self::Number(n) => Some(*n),
+            Self::Text(s) => s.trim().parse().ok(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Page<T> {
+    #[serde(default = "Vec::new")]
+    value: Vec<T>,
+    #[serde(rename = "@odata.nextLink")]
+    next_link: Option<String>,
+}
+
+#[cfg(test)]
+mod tests;

@@ -162,8 +162,10 @@ impl Delivered {
     }
 }
 
-/// One consumed message and the means to settle it. Dropping it unsettled leaves it with the
-/// broker, which redelivers it when the consumer goes away.
+/// One consumed message and the means to settle it. Dropping it unsettled gives it back: both
+/// backends requeue it right away (RabbitMQ: `basic.nack` with requeue, best effort), and the
+/// broker redelivers it anyway when the consumer goes away. Either way it comes back with
+/// `redelivered = true`.
 #[derive(Debug)]
 pub struct Delivery {
     pub delivered: Delivered,
@@ -225,6 +227,22 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
     fn durable(&self) -> bool;
 }
 
+/// Longest [`LAST_ERROR_HEADER`] value, in bytes: errors can quote whole API responses.
+pub const LAST_ERROR_MAX_BYTES: usize = 1024;
+
+/// `error` cut to at most [`LAST_ERROR_MAX_BYTES`] on a character boundary, for the header.
+pub fn last_error_header(error: &str) -> String {
+    if error.len() <= LAST_ERROR_MAX_BYTES {
+        return error.to_owned();
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = LAST_ERROR_MAX_BYTES - ELLIPSIS.len();
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ELLIPSIS}", &error[..end])
+}
+
 /// Stable shard of a key: the same on every process, platform and release.
 pub fn shard_for(key: &str, shards: u16) -> u16 {
     let digest = Sha256::digest(key.as_bytes());
@@ -244,6 +262,15 @@ mod tests {
             acc
         });
         assert!(counts.iter().all(|c| *c > 50), "roughly even: {counts:?}");
+    }
+
+    #[test]
+    fn last_error_is_cut_on_a_char_boundary() {
+        assert_eq!(last_error_header("short"), "short");
+        let long = "é".repeat(LAST_ERROR_MAX_BYTES);
+        let cut = last_error_header(&long);
+        assert!(cut.len() <= LAST_ERROR_MAX_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
     }
 
     #[test]

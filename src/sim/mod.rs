@@ -21,28 +21,53 @@ pub async fn run_standalone(args: SimArgs) -> anyhow::Result<()> {
     pp.add_admin(&args.proofpoint_user, &args.proofpoint_password, None);
     for i in 1..=args.users {
         let address = format!("user{i}@{}", args.org);
-        pp.upsert_user(&args.org, PpUser {
-            primary_email: address.clone(),
-            user_type: Some("end_user".into()),
-            is_active: true,
-            other: serde_json::Map::new(),
-        });
-        graph.upsert_user(&args.tenant, GraphUser {
-            id: format!("00000000-0000-0000-0000-{i:012}"),
-            account_enabled: Some(true),
-            user_principal_name: Some(address.clone()),
-            mail: Some(address),
-            user_type: Some("Member".into()),
-            ..GraphUser::default()
-        });
+        let seeded = pp.upsert_user(
+            &args.org,
+            PpUser {
+                primary_email: address.clone(),
+                user_type: Some("end_user".into()),
+                is_active: true,
+                other: serde_json::Map::new(),
+            },
+        );
+        seeded.map_err(|e| anyhow::anyhow!("seeding {address}: {e}"))?;
+        let created = graph.upsert_user(
+            &args.tenant,
+            GraphUser {
+                id: format!("00000000-0000-0000-0000-{i:012}"),
+                account_enabled: Some(true),
+                user_principal_name: Some(address.clone()),
+                mail: Some(address),
+                user_type: Some("Member".into()),
+                ..GraphUser::default()
+            },
+        );
+        created.map_err(|e| anyhow::anyhow!("seeding the Graph simulator: {e}"))?;
     }
-    let g = graph.spawn(tokio::net::TcpListener::bind(args.graph_listen).await?).await;
-    let p = pp.spawn(tokio::net::TcpListener::bind(args.proofpoint_listen).await?).await;
-    println!("Graph simulator:       authority_url = {}  api_url = {}", g.authority_url(), g.api_url());
-    println!("                       tenant {}  client_id {}  (secret as given)", args.tenant, args.client_id);
-    println!("                       control API: {}_sim/...", g.authority_url());
-    println!("Proofpoint simulator:  base_url = {}", p.base_url());
-    println!("                       org {}  admin {}  (password as given)", args.org, args.proofpoint_user);
+    let g = graph
+        .spawn(tokio::net::TcpListener::bind(args.graph_listen).await?)
+        .await?;
+    let p = pp
+        .spawn(tokio::net::TcpListener::bind(args.proofpoint_listen).await?)
+        .await;
+    println!(
+        "Graph simulator:       authority_url = {}  api_url = {}",
+        g.authority_url(),
+        g.api_url()
+    );
+    println!(
+        "                       tenant {}  client_id {}  (secret as given)",
+        args.tenant, args.client_id
+    );
+    println!(
+        "                       control API: {}_sim/...",
+        g.authority_url()
+    );
+    println!("Proofpoint simulator:  base_url = {}", p.url());
+    println!(
+        "                       org {}  admin {}  (password as given)",
+        args.org, args.proofpoint_user
+    );
     println!("Seeded {} users. Ctrl-C to stop.", args.users);
     crate::shutdown::on_signals().cancelled().await;
     Ok(())

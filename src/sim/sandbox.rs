@@ -7,8 +7,8 @@ use rand::Rng;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 
-use super::graph::{GraphSim, GraphSimServer};
-use super::proofpoint::{ProofpointSim, ProofpointSimServer};
+use super::graph::{GraphSim, SimServer as GraphSimServer};
+use super::proofpoint::{ProofpointSim, SimServer as ProofpointSimServer};
 use crate::config::{Config, TenantConfig};
 use crate::graph::{GraphApi, GraphError, GraphUser, NewSubscription, Subscription};
 use crate::proofpoint::PpUser;
@@ -44,12 +44,14 @@ impl Sandbox {
         let graph = GraphSim::new();
         graph.add_app(CLIENT_ID, &client_secret);
         graph.add_tenant(tenant_id);
-        let graph_server = graph.spawn(TcpListener::bind("127.0.0.1:0").await?).await;
+        let graph_server = graph.spawn(TcpListener::bind("127.0.0.1:0").await?).await?;
         let proofpoint = ProofpointSim::new();
         proofpoint.add_org(org);
         let admin = format!("{PP_ADMIN}@{org}");
         proofpoint.add_admin(&admin, &pp_password, None);
-        let pp_server = proofpoint.spawn(TcpListener::bind("127.0.0.1:0").await?).await;
+        let pp_server = proofpoint
+            .spawn(TcpListener::bind("127.0.0.1:0").await?)
+            .await;
 
         let mut config = Config::default();
         config.graph.authority_url = graph_server.authority_url();
@@ -57,12 +59,15 @@ impl Sandbox {
         config.graph.client_id = CLIENT_ID.into();
         config.graph.client_secret = Some(SecretString::from(client_secret));
         config.graph.client_state = Some(SecretString::from(random_secret()));
-        config.proofpoint.base_url = pp_server.base_url();
+        config.proofpoint.base_url = pp_server.url().clone();
         config.proofpoint.username = admin;
         config.proofpoint.password = Some(SecretString::from(pp_password));
         config.proofpoint.requests_per_second = 500;
         config.signing.key = Some(SecretString::from(random_secret()));
-        config.tenants = vec![TenantConfig { id: tenant_id.into(), org_domain: org.into() }];
+        config.tenants = vec![TenantConfig {
+            id: tenant_id.into(),
+            org_domain: org.into(),
+        }];
         config.validate()?;
         Ok(Self {
             graph,
@@ -80,7 +85,7 @@ impl Sandbox {
     pub fn seed_user(&self, name: &str, account_enabled: bool, pp_type: &str) -> SeededUser {
         let address = format!("{name}@{}", self.org);
         let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, address.as_bytes()).to_string();
-        self.proofpoint.upsert_user(&self.org, PpUser {
+        let seeded = self.proofpoint.upsert_user(&self.org, PpUser {
             primary_email: address.clone(),
             user_type: Some(pp_type.into()),
             is_active: true,
@@ -89,46 +94,74 @@ impl Sandbox {
                 .cloned()
                 .unwrap_or_default(),
         });
-        self.graph.upsert_user(&self.tenant_id, GraphUser {
-            id: id.clone(),
-            account_enabled: Some(account_enabled),
-            user_principal_name: Some(address.clone()),
-            mail: Some(address.clone()),
-            proxy_addresses: Some(vec![format!("SMTP:{address}")]),
-            user_type: Some("Member".into()),
-            ..GraphUser::default()
-        });
+        seeded.expect("the sandbox org exists and the user is well-formed");
+        let created = self.graph.upsert_user(
+            &self.tenant_id,
+            GraphUser {
+                id: id.clone(),
+                account_enabled: Some(account_enabled),
+                user_principal_name: Some(address.clone()),
+                mail: Some(address.clone()),
+                proxy_addresses: Some(vec![format!("SMTP:{address}")]),
+                user_type: Some("Member".into()),
+                ..GraphUser::default()
+            },
+        );
+        created.expect("the sandbox tenant exists");
         SeededUser { id, address }
     }
 
     /// Mark a seeded user as a leaver (leave date in the past).
     pub fn make_leaver(&self, user: &SeededUser, days_ago: i64) {
-        self.graph.update_user(&self.tenant_id, &user.id, |u| {
-            u.employee_leave_date_time = Some(Utc::now() - chrono::Duration::days(days_ago));
-        });
+        self.graph
+            .update_user(&self.tenant_id, &user.id, |u| {
+                u.employee_leave_date_time = Some(Utc::now() - chrono::Duration::days(days_ago));
+            })
+            .expect("the user was seeded");
+    }
+
+    /// Block (`false`) or allow (`true`) sign-in for a seeded user in Graph; subscribers are
+    /// notified as Graph would.
+    pub fn set_enabled(&self, user: &SeededUser, enabled: bool) {
+        self.graph
+            .set_account_enabled(&self.tenant_id, &user.id, enabled)
+            .expect("the user was seeded");
     }
 
     /// Whether Proofpoint has the user with `is_active == active` right now.
     pub fn is_active(&self, user: &SeededUser) -> Option<bool> {
-        self.proofpoint.user(&self.org, &user.address).map(|u| u.is_active)
+        self.proofpoint
+            .user(&self.org, &user.address)
+            .map(|u| u.is_active)
     }
 
     /// Subscribe the receiver at `receiver_url` to the tenant's users, through the simulated
     /// validation handshake.
-    pub async fn subscribe(&self, graph: &dyn GraphApi, receiver_url: &str) -> Result<Subscription, GraphError> {
+    pub async fn subscribe(
+        &self,
+        graph: &dyn GraphApi,
+        receiver_url: &str,
+    ) -> Result<Subscription, GraphError> {
         graph
-            .create_subscription(&self.tenant_id, &NewSubscription {
-                change_type: "updated,deleted".into(),
-                notification_url: format!("{receiver_url}/graph/notifications"),
-                lifecycle_notification_url: Some(format!("{receiver_url}/graph/lifecycle")),
-                resource: "users".into(),
-                expiration_date_time: Utc::now() + chrono::Duration::minutes(41_000),
-                client_state: self.config.graph.client_state().expose_secret().to_owned(),
-            })
+            .create_subscription(
+                &self.tenant_id,
+                &NewSubscription {
+                    change_type: "updated,deleted".into(),
+                    notification_url: format!("{receiver_url}/graph/notifications"),
+                    lifecycle_notification_url: Some(format!("{receiver_url}/graph/lifecycle")),
+                    resource: "users".into(),
+                    expiration_date_time: Utc::now() + chrono::Duration::minutes(41_000),
+                    client_state: self.config.graph.client_state().expose_secret().to_owned(),
+                },
+            )
             .await
     }
 }
 
 fn random_secret() -> String {
-    rand::rng().sample_iter(rand::distr::Alphanumeric).take(40).map(char::from).collect()
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect()
 }

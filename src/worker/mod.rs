@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, field};
 
 use crate::graph::{GraphApi, GraphError, USER_SELECT};
-use crate::message::{self, Decoded, DecodeError, Message, Signer, UserChanged, UserOutcome, Verifier};
+use crate::message::{
+    self, DecodeError, Decoded, Message, Signer, UserChanged, UserOutcome, Verifier,
+};
 use crate::policy::{Facts, Policy};
 use crate::proofpoint::{OrgAccess, PpError, ProofpointApi};
 use crate::queue::{Delivered, Delivery, Queue, QueueError, Settlement};
@@ -74,7 +76,10 @@ impl Worker {
             settings,
             verifier,
             signer,
-            orgs: orgs.into_iter().map(|(t, o)| (t.to_ascii_lowercase(), o)).collect(),
+            orgs: orgs
+                .into_iter()
+                .map(|(t, o)| (t.to_ascii_lowercase(), o))
+                .collect(),
             locks: KeyedLocks::default(),
         })
     }
@@ -87,7 +92,11 @@ impl Worker {
         let mut deliveries = self.deps.queue.consume(consumer.clone()).await?;
         let slots = Arc::new(Semaphore::new(self.settings.concurrency));
         let mut tasks = JoinSet::new();
-        tracing::info!(concurrency = self.settings.concurrency, dry_run = self.settings.dry_run, "worker consuming");
+        tracing::info!(
+            concurrency = self.settings.concurrency,
+            dry_run = self.settings.dry_run,
+            "worker consuming"
+        );
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -114,11 +123,19 @@ impl Worker {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(left = tasks.len(), "shutdown deadline passed; unsettled messages return to the queue");
+            tracing::warn!(
+                left = tasks.len(),
+                "shutdown deadline passed; unsettled messages return to the queue"
+            );
             tasks.abort_all();
         }
-        drop(deliveries);
+        // Stop the consumer and give back what it still buffers (dropped deliveries are
+        // requeued); the channel closes once the consumer has shut down cleanly.
         consumer.cancel();
+        let _ = tokio::time::timeout(self.settings.shutdown_deadline, async {
+            while deliveries.recv().await.is_some() {}
+        })
+        .await;
         Ok(())
     }
 
@@ -143,7 +160,8 @@ impl Worker {
             // Per-user serialization within this process; shards give it across processes.
             let _guard = self.locks.lock(decoded.message.shard_key()).await;
             let outcome = self.process(&decoded).await;
-            self.finish(delivery, Some(&decoded), outcome, previous).await;
+            self.finish(delivery, Some(&decoded), outcome, previous)
+                .await;
         }
         .instrument(span)
         .await
@@ -179,7 +197,10 @@ impl Worker {
                     lifecycle_event = %l.lifecycle_event,
                     "Graph lifecycle event recorded; automatic reauthorization is not built yet (see README)"
                 );
-                Outcome::Skipped { reason: "lifecycle_event_recorded".into(), detail: Detail::default() }
+                Outcome::Skipped {
+                    reason: "lifecycle_event_recorded".into(),
+                    detail: Detail::default(),
+                }
             }
             Message::UserOutcome(_) => Outcome::Permanent {
                 reason: "unexpected_message_type",
@@ -190,31 +211,65 @@ impl Worker {
 
     async fn converge_user(&self, m: &UserChanged) -> Outcome {
         let Some(org) = self.orgs.get(&m.tenant_id.to_ascii_lowercase()) else {
-            return Outcome::Permanent { reason: "unknown_tenant", error: format!("tenant {} is not configured", m.tenant_id) };
+            return Outcome::Permanent {
+                reason: "unknown_tenant",
+                error: format!("tenant {} is not configured", m.tenant_id),
+            };
         };
-        let user = match self.deps.graph.get_user(&m.tenant_id, &m.user_id, USER_SELECT).await {
+        let user = match self
+            .deps
+            .graph
+            .get_user(&m.tenant_id, &m.user_id, USER_SELECT)
+            .await
+        {
             Ok(Some(u)) => u,
             Ok(None) => {
-                return skipped("deleted_in_graph", "Graph answers 404: the user is deleted; Proofpoint is left alone", Detail::default());
+                return skipped(
+                    "deleted_in_graph",
+                    "Graph answers 404: the user is deleted; Proofpoint is left alone",
+                    Detail::default(),
+                );
             }
             Err(e) => return graph_failure(e),
         };
         let Some(address) = user.proofpoint_address() else {
-            return skipped("no_address", "the user has no mail, SMTP proxy address or UPN with an @", Detail::default());
+            return skipped(
+                "no_address",
+                "the user has no mail, SMTP proxy address or UPN with an @",
+                Detail::default(),
+            );
         };
-        let mut detail = Detail { address: Some(address.clone()), ..Detail::default() };
+        let mut detail = Detail {
+            address: Some(address.clone()),
+            ..Detail::default()
+        };
         let pp_user = match self.deps.proofpoint.get_user(org, &address).await {
             Ok(Some(u)) => u,
-            Ok(None) => return skipped("unknown_to_proofpoint", "Proofpoint has no user with this address", detail),
+            Ok(None) => {
+                return skipped(
+                    "unknown_to_proofpoint",
+                    "Proofpoint has no user with this address",
+                    detail,
+                );
+            }
             Err(e) => return pp_failure(e),
         };
-        let decision = self.deps.policy.decide(&Facts { user: &user, proofpoint: &pp_user }, Utc::now());
+        let decision = self.deps.policy.decide(
+            &Facts {
+                user: &user,
+                proofpoint: &pp_user,
+            },
+            Utc::now(),
+        );
         detail.action = Some(decision.action.as_str().to_owned());
         detail.reason = format!("{}: {}", decision.rule, decision.reason);
         detail.was_active = Some(pp_user.is_active);
         let Some(desired) = decision.action.desired_active() else {
             detail.is_active = Some(pp_user.is_active);
-            return Outcome::Skipped { reason: decision.rule, detail };
+            return Outcome::Skipped {
+                reason: decision.rule,
+                detail,
+            };
         };
         detail.is_active = Some(desired);
         if pp_user.is_active == desired {
@@ -233,7 +288,13 @@ impl Worker {
     }
 
     /// Settle, count, log and publish the outcome event.
-    async fn finish(&self, delivery: Delivery, decoded: Option<&Decoded>, outcome: Outcome, previous: u32) {
+    async fn finish(
+        &self,
+        delivery: Delivery,
+        decoded: Option<&Decoded>,
+        outcome: Outcome,
+        previous: u32,
+    ) {
         let jitter = rand::rng().random_range(0.8..=1.2);
         let settlement = outcome::settle(&outcome, previous, &self.settings.retry, jitter);
         let metrics = &self.deps.metrics;
@@ -250,11 +311,25 @@ impl Worker {
                 Metrics::inc(&metrics.outcomes_skipped_total);
                 tracing::info!(outcome = ?outcome, "skipped");
             }
-            (Settlement::Retry { delay, attempt, last_error }, _) => {
+            (
+                Settlement::Retry {
+                    delay,
+                    attempt,
+                    last_error,
+                },
+                _,
+            ) => {
                 Metrics::inc(&metrics.outcomes_retried_total);
                 tracing::warn!(?delay, attempt, error = %last_error, "transient failure; retry scheduled");
             }
-            (Settlement::DeadLetter { reason, attempts, last_error }, _) => {
+            (
+                Settlement::DeadLetter {
+                    reason,
+                    attempts,
+                    last_error,
+                },
+                _,
+            ) => {
                 Metrics::inc(&metrics.outcomes_dead_lettered_total);
                 tracing::error!(%reason, attempts, error = %last_error, "dead-lettered");
             }
@@ -262,7 +337,8 @@ impl Worker {
         if !matches!(settlement, Settlement::Retry { .. })
             && let Some(Message::UserChanged(m)) = decoded.map(|d| &d.message)
         {
-            self.publish_outcome(m, decoded.map(|d| d.id.as_str()).unwrap_or(""), &outcome).await;
+            self.publish_outcome(m, decoded.map(|d| d.id.as_str()).unwrap_or(""), &outcome)
+                .await;
         }
         if let Err(error) = delivery.settle(&settlement).await {
             tracing::warn!(%error, "could not settle the message; the broker will redeliver it");
@@ -271,10 +347,14 @@ impl Worker {
 
     async fn publish_outcome(&self, cause: &UserChanged, cause_id: &str, outcome: &Outcome) {
         let (detail, reason) = match outcome {
-            Outcome::Applied { detail } | Outcome::NoChange { detail } => (detail.clone(), detail.reason.clone()),
+            Outcome::Applied { detail } | Outcome::NoChange { detail } => {
+                (detail.clone(), detail.reason.clone())
+            }
             Outcome::Skipped { reason, detail } => (detail.clone(), reason.clone()),
             Outcome::Transient { error, .. } => (Detail::default(), error.clone()),
-            Outcome::Permanent { reason, error } => (Detail::default(), format!("{reason}: {error}")),
+            Outcome::Permanent { reason, error } => {
+                (Detail::default(), format!("{reason}: {error}"))
+            }
         };
         let latency = (Utc::now() - cause.received_at).num_milliseconds();
         let event = Message::UserOutcome(UserOutcome {
@@ -292,7 +372,12 @@ impl Worker {
         });
         // Outcome events inform other systems; Proofpoint's state is the truth. A failed
         // publish is counted and logged, and does not undo or repeat the work.
-        if let Err(error) = self.deps.queue.publish_event(&message::encode(&event, &self.signer)).await {
+        if let Err(error) = self
+            .deps
+            .queue
+            .publish_event(&message::encode(&event, &self.signer))
+            .await
+        {
             Metrics::inc(&self.deps.metrics.outcome_event_failures_total);
             tracing::warn!(%error, "could not publish the outcome event");
         }
@@ -301,26 +386,47 @@ impl Worker {
 
 fn skipped(reason: &str, why: &str, mut detail: Detail) -> Outcome {
     detail.reason = why.to_owned();
-    Outcome::Skipped { reason: reason.to_owned(), detail }
+    Outcome::Skipped {
+        reason: reason.to_owned(),
+        detail,
+    }
 }
 
 fn graph_failure(e: GraphError) -> Outcome {
     if e.is_retryable() {
-        Outcome::Transient { retry_after: e.retry_after(), error: format!("graph: {e}") }
+        Outcome::Transient {
+            retry_after: e.retry_after(),
+            error: format!("graph: {e}"),
+        }
     } else if matches!(e, GraphError::Unauthorized { .. }) {
-        Outcome::Permanent { reason: "graph_unauthorized", error: e.to_string() }
+        Outcome::Permanent {
+            reason: "graph_unauthorized",
+            error: e.to_string(),
+        }
     } else {
-        Outcome::Permanent { reason: "graph_rejected", error: e.to_string() }
+        Outcome::Permanent {
+            reason: "graph_rejected",
+            error: e.to_string(),
+        }
     }
 }
 
 fn pp_failure(e: PpError) -> Outcome {
     if e.is_retryable() {
-        Outcome::Transient { retry_after: e.retry_after(), error: format!("proofpoint: {e}") }
+        Outcome::Transient {
+            retry_after: e.retry_after(),
+            error: format!("proofpoint: {e}"),
+        }
     } else if matches!(e, PpError::Unauthorized { .. }) {
-        Outcome::Permanent { reason: "proofpoint_unauthorized", error: e.to_string() }
+        Outcome::Permanent {
+            reason: "proofpoint_unauthorized",
+            error: e.to_string(),
+        }
     } else {
-        Outcome::Permanent { reason: "proofpoint_rejected", error: e.to_string() }
+        Outcome::Permanent {
+            reason: "proofpoint_rejected",
+            error: e.to_string(),
+        }
     }
 }
 
@@ -343,7 +449,11 @@ impl KeyedLocks {
             map.entry(key.clone()).or_default().clone()
         };
         let guard = mutex.lock_owned().await;
-        KeyGuard { key, map: self.map.clone(), guard: Some(guard) }
+        KeyGuard {
+            key,
+            map: self.map.clone(),
+            guard: Some(guard),
+        }
     }
 }
 
@@ -352,7 +462,10 @@ impl Drop for KeyGuard {
         let mut map = self.map.lock().expect("lock map poisoned");
         // Release first, then drop the entry if only the map still refers to it.
         self.guard.take();
-        if map.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             map.remove(&self.key);
         }
     }

@@ -16,7 +16,10 @@ pub enum Outcome {
     /// event nobody reacts to yet.
     Skipped { reason: String, detail: Detail },
     /// Might work later: timeouts, 5xx, throttling (with the server's `Retry-After`).
-    Transient { error: String, retry_after: Option<Duration> },
+    Transient {
+        error: String,
+        retry_after: Option<Duration>,
+    },
     /// Cannot work without an operator: bad signature, undecodable, 401/403, rejected.
     Permanent { reason: &'static str, error: String },
 }
@@ -56,32 +59,48 @@ pub struct RetryPolicy {
 /// The exponential backoff for attempt `n` (1-based), before jitter.
 pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
-    policy.backoff_base.saturating_mul(factor).min(policy.backoff_max)
+    policy
+        .backoff_base
+        .saturating_mul(factor)
+        .min(policy.backoff_max)
 }
 
 /// Map an outcome to a settlement.
 ///
 /// `previous_attempts` is how often the message was tried before this delivery; `jitter` is a
 /// factor in `[0.8, 1.2]` chosen by the caller (kept out of here so this stays pure).
-pub fn settle(outcome: &Outcome, previous_attempts: u32, policy: &RetryPolicy, jitter: f64) -> Settlement {
+pub fn settle(
+    outcome: &Outcome,
+    previous_attempts: u32,
+    policy: &RetryPolicy,
+    jitter: f64,
+) -> Settlement {
     let attempt = previous_attempts.saturating_add(1);
     match outcome {
-        Outcome::Applied { .. } | Outcome::NoChange { .. } | Outcome::Skipped { .. } => Settlement::Ack,
+        Outcome::Applied { .. } | Outcome::NoChange { .. } | Outcome::Skipped { .. } => {
+            Settlement::Ack
+        }
         Outcome::Permanent { reason, error } => Settlement::DeadLetter {
             reason: (*reason).to_owned(),
             attempts: attempt,
             last_error: error.clone(),
         },
-        Outcome::Transient { error, .. } if attempt >= policy.max_attempts => Settlement::DeadLetter {
-            reason: "max_attempts_exceeded".into(),
-            attempts: attempt,
-            last_error: error.clone(),
-        },
+        Outcome::Transient { error, .. } if attempt >= policy.max_attempts => {
+            Settlement::DeadLetter {
+                reason: "max_attempts_exceeded".into(),
+                attempts: attempt,
+                last_error: error.clone(),
+            }
+        }
         Outcome::Transient { error, retry_after } => {
             let jittered = backoff(policy, attempt).mul_f64(jitter.clamp(0.8, 1.2));
             // The server's Retry-After is a floor, never shortened by jitter.
             let delay = retry_after.map_or(jittered, |r| r.max(jittered));
-            Settlement::Retry { delay, attempt, last_error: error.clone() }
+            Settlement::Retry {
+                delay,
+                attempt,
+                last_error: error.clone(),
+            }
         }
     }
 }
@@ -97,22 +116,55 @@ mod tests {
     };
 
     fn transient(retry_after: Option<u64>) -> Outcome {
-        Outcome::Transient { error: "503".into(), retry_after: retry_after.map(Duration::from_secs) }
+        Outcome::Transient {
+            error: "503".into(),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
     }
 
     fn check(outcome: Outcome, previous: u32, jitter: f64, expected: Settlement) {
-        assert_eq!(settle(&outcome, previous, &POLICY, jitter), expected, "{outcome:?} after {previous}");
+        assert_eq!(
+            settle(&outcome, previous, &POLICY, jitter),
+            expected,
+            "{outcome:?} after {previous}"
+        );
     }
 
     fn retry(ms: u64, attempt: u32) -> Settlement {
-        Settlement::Retry { delay: Duration::from_millis(ms), attempt, last_error: "503".into() }
+        Settlement::Retry {
+            delay: Duration::from_millis(ms),
+            attempt,
+            last_error: "503".into(),
+        }
     }
 
     #[test]
     fn settled_outcomes_are_acked() {
-        check(Outcome::Applied { detail: Detail::default() }, 0, 1.0, Settlement::Ack);
-        check(Outcome::NoChange { detail: Detail::default() }, 3, 1.0, Settlement::Ack);
-        check(Outcome::Skipped { reason: "x".into(), detail: Detail::default() }, 0, 1.0, Settlement::Ack);
+        check(
+            Outcome::Applied {
+                detail: Detail::default(),
+            },
+            0,
+            1.0,
+            Settlement::Ack,
+        );
+        check(
+            Outcome::NoChange {
+                detail: Detail::default(),
+            },
+            3,
+            1.0,
+            Settlement::Ack,
+        );
+        check(
+            Outcome::Skipped {
+                reason: "x".into(),
+                detail: Detail::default(),
+            },
+            0,
+            1.0,
+            Settlement::Ack,
+        );
     }
 
     #[test]
@@ -138,13 +190,24 @@ mod tests {
             transient(None),
             3,
             1.0,
-            Settlement::DeadLetter { reason: "max_attempts_exceeded".into(), attempts: 4, last_error: "503".into() },
+            Settlement::DeadLetter {
+                reason: "max_attempts_exceeded".into(),
+                attempts: 4,
+                last_error: "503".into(),
+            },
         );
         check(
-            Outcome::Permanent { reason: "bad_signature", error: "nope".into() },
+            Outcome::Permanent {
+                reason: "bad_signature",
+                error: "nope".into(),
+            },
             0,
             1.0,
-            Settlement::DeadLetter { reason: "bad_signature".into(), attempts: 1, last_error: "nope".into() },
+            Settlement::DeadLetter {
+                reason: "bad_signature".into(),
+                attempts: 1,
+                last_error: "nope".into(),
+            },
         );
     }
 }

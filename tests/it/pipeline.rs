@@ -12,6 +12,20 @@ use crate::support::{Backend, Options, TENANT, TestApp, eventually};
 
 const CONVERGE: Duration = Duration::from_secs(15);
 
+/// Messages the worker has finished with (any outcome).
+fn processed(t: &TestApp) -> u64 {
+    let m = &t.app.metrics;
+    [
+        &m.outcomes_applied_total,
+        &m.outcomes_no_change_total,
+        &m.outcomes_skipped_total,
+        &m.outcomes_dead_lettered_total,
+    ]
+    .into_iter()
+    .map(Metrics::get)
+    .sum()
+}
+
 async fn dead_letters(queue: &dyn Queue, want: usize) -> Vec<DeadLetter> {
     let mut all = Vec::new();
     for _ in 0..150 {
@@ -27,16 +41,40 @@ async fn dead_letters(queue: &dyn Queue, want: usize) -> Vec<DeadLetter> {
 #[tokio::test]
 async fn a_flip_in_entra_reaches_proofpoint_both_ways() {
     for backend in [Backend::Rabbit, Backend::Embedded] {
-        let t = TestApp::start("flip", Options { backend, ..Options::default() }).await;
+        let t = TestApp::start(
+            "flip",
+            Options {
+                backend,
+                ..Options::default()
+            },
+        )
+        .await;
         let alice = t.sandbox.seed_user("alice", true, "end_user");
-        t.sandbox.graph.set_account_enabled(TENANT, &alice.id, false);
-        assert!(eventually(CONVERGE, || t.sandbox.is_active(&alice) == Some(false)).await, "{backend:?}: deactivated");
-        t.sandbox.graph.set_account_enabled(TENANT, &alice.id, true);
-        assert!(eventually(CONVERGE, || t.sandbox.is_active(&alice) == Some(true)).await, "{backend:?}: re-activated");
+        t.sandbox.set_enabled(&alice, false);
+        assert!(
+            eventually(CONVERGE, || t.sandbox.is_active(&alice) == Some(false)).await,
+            "{backend:?}: deactivated"
+        );
+        t.sandbox.set_enabled(&alice, true);
+        assert!(
+            eventually(CONVERGE, || t.sandbox.is_active(&alice) == Some(true)).await,
+            "{backend:?}: re-activated"
+        );
         // Read-modify-write kept the fields flagrelay does not know.
-        let stored = t.sandbox.proofpoint.user(&t.sandbox.org, &alice.address).unwrap();
-        assert_eq!(stored.other.get("odin_settings"), Some(&serde_json::json!({"kept": true})), "{backend:?}");
-        assert_eq!(stored.other.get("firstname"), Some(&serde_json::json!("alice")));
+        let stored = t
+            .sandbox
+            .proofpoint
+            .user(&t.sandbox.org, &alice.address)
+            .unwrap();
+        assert_eq!(
+            stored.other.get("odin_settings"),
+            Some(&serde_json::json!({"kept": true})),
+            "{backend:?}"
+        );
+        assert_eq!(
+            stored.other.get("firstname"),
+            Some(&serde_json::json!("alice"))
+        );
         assert!(Metrics::get(&t.app.metrics.outcomes_applied_total) >= 2);
         t.stop().await;
     }
@@ -45,30 +83,41 @@ async fn a_flip_in_entra_reaches_proofpoint_both_ways() {
 #[tokio::test]
 async fn duplicates_reordering_and_delays_converge_to_the_final_state() {
     let t = TestApp::start("dupes", Options::default()).await;
-    let users: Vec<_> = (0..8).map(|i| t.sandbox.seed_user(&format!("dup{i}"), true, "end_user")).collect();
-    t.sandbox.graph.set_faults(flagrelay::sim::graph::GraphSimFaults {
-        duplicate_probability: 0.5,
-        reorder_window: 5,
-        delivery_delay_ms: 20,
-        delivery_jitter_ms: 80,
-        ..Default::default()
-    });
+    let users: Vec<_> = (0..8)
+        .map(|i| t.sandbox.seed_user(&format!("dup{i}"), true, "end_user"))
+        .collect();
+    t.sandbox
+        .graph
+        .set_faults(flagrelay::sim::graph::GraphSimFaults {
+            duplicate_probability: 0.5,
+            reorder_window: 5,
+            delivery_delay: Duration::from_millis(20),
+            delivery_jitter: Duration::from_millis(80),
+            ..Default::default()
+        })
+        .unwrap();
     // Several flips per user; the last one decides.
     for round in 0..3 {
         for u in &users {
-            t.sandbox.graph.set_account_enabled(TENANT, &u.id, round % 2 == 1);
+            t.sandbox.set_enabled(u, round % 2 == 1);
         }
     }
     for u in &users {
-        t.sandbox.graph.set_account_enabled(TENANT, &u.id, false);
+        t.sandbox.set_enabled(u, false);
     }
     assert!(
-        eventually(CONVERGE, || users.iter().all(|u| t.sandbox.is_active(u) == Some(false))).await,
+        eventually(CONVERGE, || users
+            .iter()
+            .all(|u| t.sandbox.is_active(u) == Some(false)))
+        .await,
         "every user converged to Not Active"
     );
-    t.sandbox.graph.settle(Duration::from_secs(10)).await;
+    assert!(t.sandbox.graph.settle(Duration::from_secs(10)).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(users.iter().all(|u| t.sandbox.is_active(u) == Some(false)), "late duplicates did not undo it");
+    assert!(
+        users.iter().all(|u| t.sandbox.is_active(u) == Some(false)),
+        "late duplicates did not undo it"
+    );
     t.stop().await;
 }
 
@@ -76,11 +125,20 @@ async fn duplicates_reordering_and_delays_converge_to_the_final_state() {
 async fn proofpoint_503s_are_retried_then_applied() {
     let t = TestApp::start("pp503", Options::default()).await;
     let bob = t.sandbox.seed_user("bob", true, "end_user");
-    t.sandbox.graph.settle(Duration::from_secs(5)).await;
+    assert!(
+        t.sandbox.graph.settle(Duration::from_secs(5)).await,
+        "seeding notifications delivered"
+    );
     t.sandbox.proofpoint.fail_next(3, 503);
-    t.sandbox.graph.set_account_enabled(TENANT, &bob.id, false);
+    t.sandbox.set_enabled(&bob, false);
     assert!(eventually(CONVERGE, || t.sandbox.is_active(&bob) == Some(false)).await);
-    let failures = t.sandbox.proofpoint.request_log().iter().filter(|r| r.status == 503).count();
+    let failures = t
+        .sandbox
+        .proofpoint
+        .request_log()
+        .iter()
+        .filter(|r| r.status == 503)
+        .count();
     assert_eq!(failures, 3, "the injected failures were hit");
     assert!(Metrics::get(&t.app.metrics.outcomes_retried_total) >= 1);
     t.stop().await;
@@ -88,17 +146,42 @@ async fn proofpoint_503s_are_retried_then_applied() {
 
 #[tokio::test]
 async fn exhausted_attempts_are_dead_lettered_with_their_reason() {
-    let t = TestApp::start("maxattempts", Options { max_attempts: 2, ..Options::default() }).await;
+    let t = TestApp::start(
+        "maxattempts",
+        Options {
+            max_attempts: 2,
+            ..Options::default()
+        },
+    )
+    .await;
     let carol = t.sandbox.seed_user("carol", true, "end_user");
-    t.sandbox.graph.settle(Duration::from_secs(5)).await;
+    assert!(
+        t.sandbox.graph.settle(Duration::from_secs(5)).await,
+        "seeding notifications delivered"
+    );
     t.sandbox.proofpoint.fail_for(Duration::from_secs(60), 503);
-    t.sandbox.graph.set_account_enabled(TENANT, &carol.id, false);
+    t.sandbox.set_enabled(&carol, false);
     let dead = dead_letters(t.app.queue.as_ref(), 1).await;
     let d = dead.first().expect("a dead letter");
     assert_eq!(d.reason(), Some("max_attempts_exceeded"));
-    assert_eq!(d.headers.get(flagrelay::queue::ATTEMPT_HEADER).map(String::as_str), Some("2"));
-    assert!(d.headers.get(flagrelay::queue::LAST_ERROR_HEADER).is_some_and(|e| e.contains("503")), "{:?}", d.headers);
-    assert_eq!(t.sandbox.is_active(&carol), Some(true), "Proofpoint untouched");
+    assert_eq!(
+        d.headers
+            .get(flagrelay::queue::ATTEMPT_HEADER)
+            .map(String::as_str),
+        Some("2")
+    );
+    assert!(
+        d.headers
+            .get(flagrelay::queue::LAST_ERROR_HEADER)
+            .is_some_and(|e| e.contains("503")),
+        "{:?}",
+        d.headers
+    );
+    assert_eq!(
+        t.sandbox.is_active(&carol),
+        Some(true),
+        "Proofpoint untouched"
+    );
     t.stop().await;
 }
 
@@ -106,10 +189,21 @@ async fn exhausted_attempts_are_dead_lettered_with_their_reason() {
 async fn a_message_with_a_bad_signature_is_dead_lettered_and_never_applied() {
     let t = TestApp::start("badsig", Options::default()).await;
     let dave = t.sandbox.seed_user("dave", true, "end_user");
-    t.sandbox.graph.settle(Duration::from_secs(5)).await;
+    // The seeding notification must be fully processed first: a worker reading Graph after
+    // the silent change below would (rightly) apply it.
+    assert!(
+        eventually(CONVERGE, || processed(&t) >= 1).await,
+        "seeding processed"
+    );
     // Block sign-in in Graph *without* a notification, then forge one signed with a wrong key.
-    t.sandbox.graph.set_faults(flagrelay::sim::graph::GraphSimFaults { drop_probability: 1.0, ..Default::default() });
-    t.sandbox.graph.set_account_enabled(TENANT, &dave.id, false);
+    t.sandbox
+        .graph
+        .set_faults(flagrelay::sim::graph::GraphSimFaults {
+            drop_probability: 1.0,
+            ..Default::default()
+        })
+        .unwrap();
+    t.sandbox.set_enabled(&dave, false);
     let forged = Message::UserChanged(UserChanged {
         tenant_id: TENANT.into(),
         user_id: dave.id.clone(),
@@ -119,12 +213,26 @@ async fn a_message_with_a_bad_signature_is_dead_lettered_and_never_applied() {
         received_at: chrono::Utc::now(),
         origin: Origin::Manual,
     });
-    let attacker = Signer::new("k1", SecretString::from("an attacker's key, not ours, 32+ chars".to_owned()));
-    t.app.queue.publish(&message::encode(&forged, &attacker)).await.unwrap();
+    let attacker = Signer::new(
+        "k1",
+        SecretString::from("an attacker's key, not ours, 32+ chars".to_owned()),
+    );
+    t.app
+        .queue
+        .publish(&message::encode(&forged, &attacker))
+        .await
+        .unwrap();
     let dead = dead_letters(t.app.queue.as_ref(), 1).await;
-    assert_eq!(dead.first().and_then(DeadLetter::reason), Some("bad_signature"));
+    assert_eq!(
+        dead.first().and_then(DeadLetter::reason),
+        Some("bad_signature")
+    );
     assert_eq!(Metrics::get(&t.app.metrics.signature_failures_total), 1);
-    assert_eq!(t.sandbox.is_active(&dave), Some(true), "a forged message changed nothing");
+    assert_eq!(
+        t.sandbox.is_active(&dave),
+        Some(true),
+        "a forged message changed nothing"
+    );
     t.stop().await;
 }
 
@@ -134,18 +242,34 @@ async fn deleted_unknown_and_protected_users_are_left_alone() {
     let admin = t.sandbox.seed_user("boss", true, "organization_admin");
     let functional = t.sandbox.seed_user("sales", true, "functional_account");
     let gone = t.sandbox.seed_user("gone", true, "end_user");
-    t.sandbox.graph.settle(Duration::from_secs(5)).await;
-    t.sandbox.graph.set_account_enabled(TENANT, &admin.id, false);
-    t.sandbox.graph.set_account_enabled(TENANT, &functional.id, false);
-    t.sandbox.graph.delete_user(TENANT, &gone.id);
+    // Let the three seeding notifications be processed, then count from there.
+    assert!(
+        eventually(CONVERGE, || processed(&t) >= 3).await,
+        "seeding processed"
+    );
+    let skipped_before = Metrics::get(&t.app.metrics.outcomes_skipped_total);
+    t.sandbox.set_enabled(&admin, false);
+    t.sandbox.set_enabled(&functional, false);
+    t.sandbox.graph.delete_user(TENANT, &gone.id).unwrap();
     // A user Proofpoint does not know.
-    t.sandbox.graph.upsert_user(TENANT, flagrelay::graph::GraphUser {
-        id: "ext-1".into(),
-        account_enabled: Some(false),
-        mail: Some("stranger@contoso.test".into()),
-        ..Default::default()
-    });
-    assert!(eventually(CONVERGE, || Metrics::get(&t.app.metrics.outcomes_skipped_total) >= 4).await);
+    t.sandbox
+        .graph
+        .upsert_user(
+            TENANT,
+            flagrelay::graph::GraphUser {
+                id: "ext-1".into(),
+                account_enabled: Some(false),
+                mail: Some("stranger@contoso.test".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        eventually(CONVERGE, || Metrics::get(
+            &t.app.metrics.outcomes_skipped_total
+        ) >= skipped_before + 4)
+        .await
+    );
     assert_eq!(t.sandbox.is_active(&admin), Some(true));
     assert_eq!(t.sandbox.is_active(&functional), Some(true));
     assert_eq!(t.sandbox.is_active(&gone), Some(true));

@@ -24,7 +24,11 @@ pub fn unique_prefix(test: &str) -> String {
         "t-{test}-{}-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed),
-        uuid::Uuid::new_v4().simple().to_string().get(..6).unwrap_or("x")
+        uuid::Uuid::new_v4()
+            .simple()
+            .to_string()
+            .get(..6)
+            .unwrap_or("x")
     )
 }
 
@@ -68,17 +72,26 @@ pub enum Backend {
 pub fn test_queue_settings(name: &str) -> QueueSettings {
     let mut s = QueueSettings::with_prefix(unique_prefix(name));
     s.shards = 3;
-    s.retry_tiers = vec![Duration::from_millis(100), Duration::from_millis(300), Duration::from_secs(1)];
+    s.retry_tiers = vec![
+        Duration::from_millis(100),
+        Duration::from_millis(300),
+        Duration::from_secs(1),
+    ];
     s
 }
 
-pub async fn queue_for(backend: Backend, name: &str) -> Arc<dyn Queue> {
+/// The queue for a test; the RabbitMQ handle is returned too, to delete the topology after.
+pub async fn queue_for(backend: Backend, name: &str) -> (Arc<dyn Queue>, Option<RabbitQueue>) {
     match backend {
         Backend::Rabbit => {
             require_broker().await;
-            Arc::new(RabbitQueue::new(amqp_secret(), test_queue_settings(name)))
+            let q = RabbitQueue::new(amqp_secret(), test_queue_settings(name));
+            (Arc::new(q.clone()), Some(q))
         }
-        Backend::Embedded => Arc::new(EmbeddedQueue::new(test_queue_settings(name))),
+        Backend::Embedded => (
+            Arc::new(EmbeddedQueue::new(test_queue_settings(name))),
+            None,
+        ),
     }
 }
 
@@ -90,6 +103,7 @@ pub struct TestApp {
     pub url: String,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    rabbit: Option<RabbitQueue>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +118,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { backend: Backend::Rabbit, max_attempts: 5, subscribe: true, worker: true }
+        Self {
+            backend: Backend::Rabbit,
+            max_attempts: 5,
+            subscribe: true,
+            worker: true,
+        }
     }
 }
 
@@ -115,11 +134,14 @@ impl TestApp {
         config.worker.max_attempts = opts.max_attempts;
         config.worker.backoff_base = Duration::from_millis(50);
         config.worker.backoff_max = Duration::from_millis(500);
-        let queue = queue_for(opts.backend, name).await;
+        let (queue, rabbit) = queue_for(opts.backend, name).await;
         let graph = Arc::new(GraphClient::new(&config.graph).expect("graph client"));
-        let pp = Arc::new(ProofpointClient::new(config.proofpoint.requests_per_second, config.proofpoint.request_timeout));
+        let pp =
+            Arc::new(ProofpointClient::from_config(&config.proofpoint).expect("proofpoint client"));
         let app = App::with_parts(config, queue, graph, pp);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -133,18 +155,33 @@ impl TestApp {
                 }
             }
         });
-        let t = TestApp { sandbox, app, url, stop, task: Some(task) };
+        let t = TestApp {
+            sandbox,
+            app,
+            url,
+            stop,
+            task: Some(task),
+            rabbit,
+        };
         if opts.subscribe {
-            t.sandbox.subscribe(t.app.graph.as_ref(), &t.url).await.expect("subscription created via handshake");
+            t.sandbox
+                .subscribe(t.app.graph.as_ref(), &t.url)
+                .await
+                .expect("subscription created via handshake");
         }
         t
     }
 
-    /// Stop receiver and worker and wait for them.
+    /// Stop receiver and worker, wait for them, and delete the test's broker topology.
     pub async fn stop(mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+        if let Some(r) = self.rabbit.take()
+            && let Err(e) = r.delete_topology().await
+        {
+            eprintln!("could not delete the test topology: {e}");
         }
     }
 }
