@@ -11,13 +11,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::graph::GraphApi;
 use crate::graph::client::GraphClient;
-use crate::policy::{MirrorPolicy, Policy};
+use crate::policy::{MirrorPolicy, Policy, RulePolicy, SharedPolicy};
 use crate::proofpoint::ProofpointApi;
 use crate::proofpoint::client::ProofpointClient;
 use crate::queue::Queue;
 use crate::queue::embedded::EmbeddedQueue;
 use crate::queue::rabbitmq::RabbitQueue;
 use crate::receiver::{self, ReceiverSettings, ReceiverState};
+use crate::state::StateStore;
 use crate::telemetry::Metrics;
 use crate::worker::outcome::RetryPolicy;
 use crate::worker::{Worker, WorkerDeps, WorkerSettings};
@@ -29,7 +30,7 @@ pub struct App {
     pub queue: Arc<dyn Queue>,
     pub graph: Arc<dyn GraphApi>,
     pub proofpoint: Arc<dyn ProofpointApi>,
-    pub policy: Arc<dyn Policy>,
+    pub policy: Arc<SharedPolicy>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -59,7 +60,7 @@ impl App {
             ProofpointClient::from_config(&config.proofpoint)
                 .context("building the Proofpoint client")?,
         );
-        Ok(Self::with_parts(config, queue, graph, proofpoint))
+        Self::with_parts(config, queue, graph, proofpoint)
     }
 
     /// Assemble from ready-made parts (tests and the demo choose their own backends).
@@ -68,15 +69,25 @@ impl App {
         queue: Arc<dyn Queue>,
         graph: Arc<dyn GraphApi>,
         proofpoint: Arc<dyn ProofpointApi>,
-    ) -> Self {
-        Self {
+    ) -> anyhow::Result<Self> {
+        let policy = Arc::new(SharedPolicy::new(load_policy(&config)?));
+        Ok(Self {
             config: Arc::new(config),
             queue,
             graph,
             proofpoint,
-            policy: Arc::new(MirrorPolicy),
+            policy,
             metrics: Arc::new(Metrics::default()),
-        }
+        })
+    }
+
+    /// Re-read the policy file (SIGHUP). An invalid file is refused and the policy in force
+    /// stays; the error names the line and the rule.
+    pub fn reload_policy(&self) -> anyhow::Result<()> {
+        let policy = load_policy(&self.config)?;
+        self.policy.replace(policy);
+        tracing::info!(file = ?self.config.policy.file, "policy reloaded");
+        Ok(())
     }
 
     fn receiver_settings(&self) -> ReceiverSettings {
@@ -104,15 +115,22 @@ impl App {
     }
 
     /// A worker over this app's parts.
-    pub fn worker(&self) -> Arc<Worker> {
+    pub fn worker(&self) -> anyhow::Result<Arc<Worker>> {
+        let state = StateStore::open(&self.config.worker.state_dir).with_context(|| {
+            format!(
+                "invalid configuration value for `worker.state_dir`: cannot use {}",
+                self.config.worker.state_dir.display()
+            )
+        })?;
         let w = &self.config.worker;
-        Worker::new(
+        Ok(Worker::new(
             WorkerDeps {
                 queue: self.queue.clone(),
                 graph: self.graph.clone(),
                 proofpoint: self.proofpoint.clone(),
                 policy: self.policy.clone(),
                 metrics: self.metrics.clone(),
+                state,
             },
             WorkerSettings {
                 concurrency: w.concurrency,
@@ -122,6 +140,7 @@ impl App {
                     backoff_max: w.backoff_max,
                 },
                 dry_run: w.dry_run,
+                breaker_recheck: w.breaker_recheck,
                 shutdown_deadline: Duration::from_secs(20),
             },
             self.config.signing.verifier(),
@@ -130,7 +149,7 @@ impl App {
                 .tenants
                 .iter()
                 .map(|t| (t.id.clone(), self.config.org_access(t))),
-        )
+        ))
     }
 
     /// Declare the topology; a broker that is down now is not fatal (the backend declares
@@ -164,7 +183,10 @@ impl App {
     /// Run a worker until `shutdown`.
     pub async fn work(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.declare().await;
-        self.worker().run(shutdown).await.context("worker failed")
+        let worker = self.worker()?;
+        self.check_permissions().await;
+        self.reload_on_sighup(shutdown.clone());
+        worker.run(shutdown).await.context("worker failed")
     }
 
     /// Receiver and worker in one process.
@@ -173,7 +195,9 @@ impl App {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let worker = self.worker();
+        let worker = self.worker()?;
+        self.check_permissions().await;
+        self.reload_on_sighup(shutdown.clone());
         let (served, worked) = tokio::join!(
             self.serve(listener, shutdown.clone()),
             worker.run(shutdown.clone())
@@ -181,4 +205,71 @@ impl App {
         served?;
         worked.context("worker failed")
     }
+}
+
+impl App {
+    /// Report, loudly and at start, Graph permissions the policy needs but the app lacks.
+    async fn check_permissions(&self) {
+        let needed = self.policy.current().needs().graph_permissions();
+        for tenant in &self.config.tenants {
+            match self.graph.granted_permissions(&tenant.id).await {
+                Ok(Some(granted)) => {
+                    for p in ["User.Read.All"].iter().chain(needed.iter()) {
+                        if !granted.iter().any(|g| g == p) {
+                            tracing::error!(
+                                tenant_id = %tenant.id,
+                                permission = %p,
+                                "the Entra app lacks an application permission the policy needs; \
+                                 grant it with admin consent, or evaluations that need it will fail"
+                            );
+                        }
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!(tenant_id = %tenant.id, "could not read the token's permissions; not checked")
+                }
+                Err(e) => tracing::error!(
+                    tenant_id = %tenant.id,
+                    error = %e,
+                    "could not get a Graph token: check graph.client_id / client_secret and admin consent"
+                ),
+            }
+        }
+    }
+
+    /// Re-read the policy file on SIGHUP until `shutdown`.
+    fn reload_on_sighup(&self, shutdown: CancellationToken) {
+        #[cfg(unix)]
+        {
+            let app = self.clone();
+            tokio::spawn(async move {
+                let Ok(mut hup) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                else {
+                    return;
+                };
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = hup.recv() => {
+                            if let Err(e) = app.reload_policy() {
+                                tracing::error!(
+                                    error = format!("{e:#}"),
+                                    "SIGHUP: the new policy is invalid and was refused; the previous policy stays in force"
+                                );
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The configured policy file, or the built-in mirror policy.
+pub fn load_policy(config: &Config) -> anyhow::Result<Arc<dyn Policy>> {
+    Ok(match &config.policy.file {
+        Some(path) => Arc::new(RulePolicy::load(path)?),
+        None => Arc::new(MirrorPolicy),
+    })
 }

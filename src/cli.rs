@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{App, QueueChoice};
 use crate::config::{Config, ConfigError, LogConfig};
-use crate::{demo, shutdown, sim, telemetry};
+use crate::{demo, explain, shutdown, sim, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +53,45 @@ pub enum Command {
     Sim(SimArgs),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Check a policy file, or explain the decision for one user.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Inspect or release the blast-radius breaker (it holds deactivations once tripped).
+    #[command(subcommand)]
+    Breaker(BreakerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file (default: the configured `policy.file`); errors name the line
+    /// and the rule.
+    Check { file: Option<PathBuf> },
+    /// Show every rule tried for one user, why it matched or not, the decision, and the
+    /// exact writes the worker would make. Reads the live user from Graph and Proofpoint,
+    /// or, with --user-json, works offline.
+    Explain {
+        /// User object id or UPN (live mode).
+        #[arg(long, required_unless_present = "user_json")]
+        user: Option<String>,
+        /// Tenant id (default: the first configured tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Offline: a JSON file {"user": {Graph user}, "proofpoint": {Proofpoint user},
+        /// "groups"?, "mailbox_purpose"?, "exempt"?, "disabled_since"?}.
+        #[arg(long, conflicts_with = "user")]
+        user_json: Option<PathBuf>,
+        /// Policy file to use (default: the configured one, else the built-in mirror policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BreakerCommand {
+    /// Show whether the breaker is tripped, when and why.
+    Status,
+    /// Release a tripped breaker: held deactivations proceed at their next look.
+    Release,
 }
 
 #[derive(Debug, clap::Args)]
@@ -129,6 +168,17 @@ async fn dispatch(cli: Cli) -> ExitCode {
             telemetry::init(&LogConfig::default());
             sim::run_standalone(args).await
         }
+        Command::Policy(cmd) => {
+            telemetry::init(&LogConfig {
+                format: "text".into(),
+                filter: "warn".into(),
+            });
+            return policy_command(cmd, cli.config.as_deref()).await;
+        }
+        Command::Breaker(cmd) => match load(cli.config.as_deref()) {
+            Ok(cfg) => breaker_command(cmd, &cfg),
+            Err(code) => return code,
+        },
         Command::CheckConfig => match load(cli.config.as_deref()) {
             Ok(cfg) => {
                 println!("configuration is valid:\n{cfg:#?}");
@@ -184,4 +234,88 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 /// Parse a humantime duration for clap.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+async fn policy_command(cmd: PolicyCommand, config: Option<&std::path::Path>) -> ExitCode {
+    let result = match cmd {
+        PolicyCommand::Check { file } => {
+            let file = match file {
+                Some(f) => Ok(f),
+                None => load(config)
+                    .map_err(|_| ())
+                    .and_then(|c| c.policy.file.ok_or(())),
+            };
+            match file {
+                Ok(f) => explain::check(&f).map(|text| println!("{text}")),
+                Err(()) => Err(anyhow::anyhow!(
+                    "name a policy file, or set `policy.file` in a valid configuration"
+                )),
+            }
+        }
+        PolicyCommand::Explain {
+            user,
+            tenant,
+            user_json,
+            policy,
+        } => explain_command(config, user, tenant, user_json, policy).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn explain_command(
+    config: Option<&std::path::Path>,
+    user: Option<String>,
+    tenant: Option<String>,
+    user_json: Option<PathBuf>,
+    policy_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let policy: std::sync::Arc<dyn crate::policy::Policy> = match &policy_file {
+        Some(f) => std::sync::Arc::new(crate::policy::RulePolicy::load(f)?),
+        None if user_json.is_some() && config.is_none() => {
+            std::sync::Arc::new(crate::policy::MirrorPolicy)
+        }
+        None => crate::app::load_policy(&Config::load(config)?)?,
+    };
+    if let Some(path) = user_json {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let input: explain::OfflineUser =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        print!(
+            "{}",
+            explain::explain_offline(policy.as_ref(), input, chrono::Utc::now())
+        );
+        return Ok(());
+    }
+    let cfg = Config::load(config)?;
+    let user = user.expect("clap requires --user without --user-json");
+    print!(
+        "{}",
+        explain::explain_live(&cfg, policy.as_ref(), &user, tenant.as_deref()).await?
+    );
+    Ok(())
+}
+
+fn breaker_command(cmd: BreakerCommand, cfg: &Config) -> anyhow::Result<()> {
+    let store = crate::state::StateStore::open(&cfg.worker.state_dir)?;
+    match cmd {
+        BreakerCommand::Status => match store.active_trip()? {
+            None => println!("breaker: not tripped"),
+            Some(t) => println!("breaker: TRIPPED at {} ({})", t.at, t.reason),
+        },
+        BreakerCommand::Release => match store.release_breaker(chrono::Utc::now())? {
+            None => println!("breaker: not tripped; nothing to release"),
+            Some(t) => println!(
+                "breaker released (it tripped at {}); held deactivations proceed at their next look",
+                t.at
+            ),
+        },
+    }
+    Ok(())
 }

@@ -23,6 +23,7 @@ use crate::queue::QueueSettings;
 /// The top-level sections; environment variables outside them are ignored (so that
 /// `FLAGRELAY_CONFIG` or test variables do not trip the unknown-key check).
 const SECTIONS: &[&str] = &[
+    "policy",
     "receiver",
     "graph",
     "proofpoint",
@@ -65,7 +66,16 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub signing: SigningConfig,
     pub worker: WorkerConfig,
+    pub policy: PolicyConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// The policy file (see `examples/policy.toml`). Absent: the built-in mirror policy
+    /// (guards, then `accountEnabled` mirrored onto `is_active`).
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -345,6 +355,12 @@ pub struct WorkerConfig {
     pub backoff_max: Duration,
     /// Compute and publish decisions without writing to Proofpoint.
     pub dry_run: bool,
+    /// Durable worker state (grace-period starts, exemptions flagrelay added, the breaker's
+    /// trip). Must persist across restarts; workers on several hosts must share it.
+    pub state_dir: PathBuf,
+    /// How often a deactivation held by the tripped breaker is looked at again.
+    #[serde(with = "humantime_serde")]
+    pub breaker_recheck: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -355,6 +371,8 @@ impl Default for WorkerConfig {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(600),
             dry_run: false,
+            state_dir: PathBuf::from("flagrelay-state"),
+            breaker_recheck: Duration::from_secs(120),
         }
     }
 }
@@ -548,6 +566,17 @@ impl Config {
         }
         if self.worker.max_attempts == 0 {
             return Err(invalid("worker.max_attempts", "must be at least 1"));
+        }
+        if let Some(path) = &self.policy.file
+            && !path.is_file()
+        {
+            return Err(invalid(
+                "policy.file",
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+        if self.worker.state_dir.as_os_str().is_empty() {
+            return Err(invalid("worker.state_dir", "must name a directory"));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));

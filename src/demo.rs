@@ -47,6 +47,7 @@ pub struct DemoArgs {
 const TENANT: &str = "00000000-0000-0000-0000-0000000de770";
 const ORG: &str = "contoso.example";
 const SHARED: &str = "shared-mailbox";
+const DEFAULT_POLICY: &str = include_str!("../examples/policy.toml");
 const LEAVER: &str = "leaver";
 
 /// Run the demo; the exit code says whether everything converged.
@@ -71,7 +72,17 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
 
     // 1. Both simulators, and a configuration pointing flagrelay at them as a user would.
-    let sandbox = Sandbox::start(TENANT, ORG).await?;
+    // The policy is the shipped default (examples/policy.toml) with its breaker opened: the
+    // demo disables most of a small org on purpose, which is exactly what the breaker stops.
+    let mut sandbox = Sandbox::start(TENANT, ORG).await?;
+    let policy = DEFAULT_POLICY
+        .replace("max_deactivations = 25", "max_deactivations = 100000")
+        .replace("max_share = 0.10", "max_share = 1.0");
+    anyhow::ensure!(
+        policy != DEFAULT_POLICY,
+        "the demo relaxes the example policy's breaker; its settings moved"
+    );
+    sandbox.use_policy(&policy)?;
     let mut config = sandbox.config.clone();
     config.worker.backoff_base = Duration::from_millis(200);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -91,7 +102,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     };
     let graph = Arc::new(GraphClient::new(&config.graph)?);
     let pp = Arc::new(ProofpointClient::from_config(&config.proofpoint)?);
-    let app = App::with_parts(config, queue.clone(), graph.clone(), pp);
+    let app = App::with_parts(config, queue.clone(), graph.clone(), pp)?;
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let app = app.clone();
@@ -110,17 +121,20 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     println!("  graph sim:   {}", app.config.graph.api_url);
     println!("  proofpoint:  {}", app.config.proofpoint.base_url);
     println!("  receiver:    {receiver_url}");
+    println!("  policy:      examples/policy.toml (breaker relaxed for the demo)");
 
-    // 3. Seed the tenant: ordinary users, a shared mailbox (sign-in blocked by design; a
-    // functional account in Proofpoint) and a leaver.
-    let mut people: HashMap<String, SeededUser> = (1..=args.users)
+    // 3. Seed the tenant: ordinary users, a shared mailbox (sign-in blocked by design) and a
+    // leaver (left yesterday).
+    let people: HashMap<String, SeededUser> = (1..=args.users)
         .map(|i| format!("user{i:03}"))
         .map(|name| (name.clone(), sandbox.seed_user(&name, true, "end_user")))
         .collect();
     let leaver = sandbox.seed_user(LEAVER, true, "end_user");
     sandbox.make_leaver(&leaver, 1);
-    people.insert(LEAVER.into(), leaver);
-    let shared = sandbox.seed_user(SHARED, false, "functional_account");
+    let shared = sandbox.seed_user(SHARED, true, "end_user");
+    sandbox
+        .graph
+        .set_mailbox_purpose(TENANT, &shared.id, Some("shared"))?;
     println!(
         "  seeded:      {} users, 1 shared mailbox, 1 leaver in tenant {TENANT} / org {ORG}",
         args.users
@@ -133,14 +147,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         sub.id
     );
 
-    // 5. Flip: block some users, then unblock a few of them again; the leaver and the shared
-    // mailbox are always among the changes.
+    // 5. Flip: block some users, then unblock a few of them again.
     let mut order: Vec<String> = people.keys().cloned().collect();
     order.sort();
     order.shuffle(&mut rng);
     let mut plan: Vec<(String, bool)> = order
         .iter()
-        .take(args.flips.saturating_sub(2))
+        .take(args.flips)
         .map(|u| (u.clone(), false))
         .collect();
     let reenable: Vec<_> = plan
@@ -149,9 +162,6 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         .map(|(u, _)| (u.clone(), true))
         .collect();
     plan.extend(reenable);
-    if !plan.iter().any(|(u, _)| u == LEAVER) {
-        plan.push((LEAVER.into(), false));
-    }
     // Flip from a separate task, so landings are reported while flips still happen.
     let (flip_tx, mut flip_rx) = tokio::sync::mpsc::unbounded_channel::<Flip>();
     let started = Instant::now();
@@ -227,20 +237,47 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let flip_time = started.elapsed();
-    // The shared mailbox is saved again with sign-in still blocked: a notification arrives,
-    // and the functional-account guard must keep its mail flowing.
+    // The cases mirroring gets wrong: sign-in blocked on a shared mailbox, and on a leaver.
     sandbox.set_enabled(&shared, false);
-    let _settled = sandbox.graph.settle(Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let shared_ok = sandbox.is_active(&shared) == Some(true);
+    sandbox.set_enabled(&leaver, false);
+    let state = crate::state::StateStore::open(&app.config.worker.state_dir)?;
+    let deadline = Instant::now() + args.timeout;
+    let shared_ok = loop {
+        let exempt = sandbox.proofpoint.exemptions(ORG).contains(&shared.address);
+        if exempt && sandbox.is_active(&shared) == Some(true) {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     println!(
-        "  {} {:<32} sign-in blocked, kept active by the functional-account guard",
+        "  {} {:<32} sign-in blocked, mailbox purpose shared → keep_mail_flowing: active and exempt from sync",
         if shared_ok {
             "kept       "
         } else {
             "LOST MAIL  "
         },
         shared.address
+    );
+    let grace = loop {
+        let recheck = state.user(TENANT, &leaver.id)?.recheck_at;
+        if recheck.is_some() || Instant::now() >= deadline {
+            break recheck;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let leaver_ok = grace.is_some() && sandbox.is_active(&leaver) == Some(true);
+    println!(
+        "  {} {:<32} left yesterday, sign-in blocked → deactivate_after 7d: active until {}",
+        if leaver_ok {
+            "in grace   "
+        } else {
+            "WRONG      "
+        },
+        leaver.address,
+        grace.map_or("?".into(), |t| t.format("%Y-%m-%d %H:%M UTC").to_string())
     );
 
     // Converged means: every user's Proofpoint state is what its last flip asked for.
@@ -264,7 +301,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         eprintln!("note: could not delete the demo queues: {e}");
     }
     latencies.sort();
-    let converged = wrong.is_empty() && shared_ok;
+    let converged = wrong.is_empty() && shared_ok && leaver_ok;
     println!("\nsummary");
     println!(
         "  changes:     {flips} flips on {} users in {flip_time:.1?}",

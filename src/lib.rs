@@ -17,17 +17,20 @@
 //! - [`receiver`]: the axum webhook endpoint; validates, signs and publishes, nothing else.
 //! - [`worker`]: consumes, reads Graph and Proofpoint, applies the policy's decision, and maps
 //!   each processing outcome to ack / retry / dead-letter in one function.
-//! - [`policy`]: pure decision logic (no IO, no clock).
+//! - [`policy`]: pure decision logic (no IO, no clock): rules, guards, grace, the breaker.
+//! - [`state`]: the worker's small durable memory (grace starts, exemptions it added, trips).
 //! - [`graph`], [`proofpoint`]: API traits and their HTTP clients.
 //! - [`sim`]: faithful simulators of both APIs, used by tests, the demo and staging setups.
 //! - [`app`]: wires the parts into the `serve` / `work` / `run` processes.
 //! - [`demo`]: the one-command, end-to-end demonstration.
+//! - [`explain`]: `policy check` and `policy explain`.
 //! - [`cli`]: the command line; `main.rs` only calls into it.
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod graph;
 pub mod message;
 pub mod notification;
@@ -37,5 +40,6 @@ pub mod queue;
 pub mod receiver;
 pub mod shutdown;
 pub mod sim;
+pub mod state;
 pub mod telemetry;
 pub mod worker;

@@ -39,6 +39,8 @@ pub enum Origin {
     Notification,
     /// An operator or a test re-queued the user by hand.
     Manual,
+    /// flagrelay scheduled a re-evaluation (end of a grace period, a date passing).
+    Recheck,
 }
 
 /// "Something about this user changed; go and look." Deliberately carries no user state.
@@ -56,6 +58,9 @@ pub struct UserChanged {
     /// When flagrelay received it; the start of the end-to-end latency.
     pub received_at: DateTime<Utc>,
     pub origin: Origin,
+    /// Rechecks only: not to be evaluated before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
 }
 
 /// A Graph lifecycle notification (`reauthorizationRequired` for users).
@@ -77,9 +82,9 @@ pub struct UserOutcome {
     /// The Proofpoint address that was looked at, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    /// `applied`, `no_change`, `skipped` or `dead_lettered`.
+    /// `applied`, `no_change`, `skipped`, `held` (blast-radius breaker) or `dead_lettered`.
     pub result: String,
-    /// The policy's action (`activate`, `deactivate`, `ignore`), once decided.
+    /// The policy's action (`activate`, `deactivate`, `ignore`, `keep_mail_flowing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
     /// Why: the rule or guard that decided, or the reason it was skipped.
@@ -400,6 +405,7 @@ mod tests {
             event_time: Some("2026-11-23T10:00:00Z".parse().unwrap()),
             received_at: "2026-11-23T10:00:01Z".parse().unwrap(),
             origin: Origin::Notification,
+            not_before: None,
         })
     }
 

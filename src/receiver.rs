@@ -207,6 +207,7 @@ async fn handle(
                         event_time: n.event_time,
                         received_at,
                         origin: Origin::Notification,
+                        not_before: None,
                     });
                     (m, n.client_state)
                 }),

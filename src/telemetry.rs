@@ -66,6 +66,8 @@ counters! {
     outcomes_dead_lettered_total: "Messages dead-lettered (permanent failure or attempts exhausted).",
     signature_failures_total: "Messages on the bus that failed signature verification.",
     outcome_event_failures_total: "Outcome events that could not be published.",
+    outcomes_held_total: "Deactivations held back by the tripped blast-radius breaker.",
+    breaker_trips_total: "Times the blast-radius breaker tripped (alert on any increase).",
 }
 
 impl Metrics {

@@ -7,7 +7,13 @@
 //! worker's queue retry does that, honouring [`GraphError::retry_after`].
 //!
 //! All status handling is in `into_result`; nothing else looks at status codes except to
-//! read `404` as "no such user".
+//! read `404` as "no such user" (or, for mailbox settings, "no mailbox").
+//!
+//! [`GraphApi::granted_permissions`] reads the `roles` claim of our own access token. The
+//! token is not verified: it came from Entra over TLS and is only read to report
+//! configuration problems, never to decide what we may do (Graph decides that). Microsoft
+//! documents access tokens as opaque to clients, so an unreadable token is "unknown", not
+//! an error.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +27,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
-use super::{GraphApi, GraphError, GraphUser, NewSubscription, Subscription};
+use super::{GraphApi, GraphError, GraphUser, Group, NewSubscription, Subscription};
 use crate::config::GraphConfig;
 
 /// Refresh a cached token this long before it expires (at most; see [`refresh_margin`]).
@@ -33,6 +39,14 @@ const CREATE_SUBSCRIPTION_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_ERROR_BODY: usize = 2048;
 /// A guard against a server that pages forever.
 const MAX_PAGES: usize = 1000;
+/// `$top` of `transitiveMemberOf`: Graph's largest page (its default is 100).
+const MEMBER_OF_PAGE_SIZE: usize = 999;
+/// Graph documents the OData cast (`/microsoft.graph.group`) on membership lists as an
+/// "advanced query" that needs `ConsistencyLevel: eventual` and `$count=true`. Whether it
+/// enforces that on this path is unclear; both are accepted either way, so they are always
+/// sent. The eventual index may lag recent membership changes a little; membership changes
+/// are not notified anyway.
+const ADVANCED_QUERY: &[(&str, &str)] = &[("ConsistencyLevel", "eventual")];
 
 /// Why a [`GraphClient`] could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +183,17 @@ impl GraphClient {
     /// The scope requested with every token (`{api origin}/.default`).
     pub fn scope(&self) -> &str {
         &self.scope
+    }
+
+    /// `.`/`..` would be dropped or resolved by URL path handling and read another resource.
+    fn check_user_id(user_id: &str) -> Result<(), GraphError> {
+        if user_id.trim().is_empty() || user_id == "." || user_id == ".." {
+            return Err(GraphError::Rejected {
+                status: 400,
+                body: format!("refused locally: {user_id:?} is not a user id"),
+            });
+        }
+        Ok(())
     }
 
     /// `base` with `segments` appended, each percent-encoded as one path segment.
@@ -348,13 +373,7 @@ impl GraphApi for GraphClient {
         user_id: &str,
         select: &[&str],
     ) -> Result<Option<GraphUser>, GraphError> {
-        // `.`/`..` would be dropped or resolved by URL path handling and read another resource.
-        if user_id.trim().is_empty() || user_id == "." || user_id == ".." {
-            return Err(GraphError::Rejected {
-                status: 400,
-                body: format!("refused locally: {user_id:?} is not a user id"),
-            });
-        }
+        Self::check_user_id(user_id)?;
         let mut url = Self::url_with(&self.api_url, &["users", user_id]);
         if !select.is_empty() {
             let list: Vec<String> = select
@@ -396,7 +415,81 @@ impl GraphApi for GraphClient {
     }
 
     async fn list_subscriptions(&self, tenant_id: &str) -> Result<Vec<Subscription>, GraphError> {
-        let mut next = Some(Self::url_with(&self.api_url, &["subscriptions"]));
+        let url = Self::url_with(&self.api_url, &["subscriptions"]);
+        self.get_pages(tenant_id, "list_subscriptions", url, &[])
+            .await
+    }
+
+    async fn member_of(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Vec<Group>>, GraphError> {
+        Self::check_user_id(user_id)?;
+        let mut url = Self::url_with(
+            &self.api_url,
+            &[
+                "users",
+                user_id,
+                "transitiveMemberOf",
+                "microsoft.graph.group",
+            ],
+        );
+        url.set_query(Some(&format!(
+            "$select=id,displayName&$top={MEMBER_OF_PAGE_SIZE}&$count=true"
+        )));
+        // A 404 on a later page means the user went away while we paged: gone all the same.
+        match self
+            .get_pages(tenant_id, "member_of", url, ADVANCED_QUERY)
+            .await
+        {
+            Ok(groups) => Ok(Some(groups)),
+            Err(GraphError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn mailbox_purpose(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+    ) -> Result<Option<String>, GraphError> {
+        Self::check_user_id(user_id)?;
+        let mut url = Self::url_with(&self.api_url, &["users", user_id, "mailboxSettings"]);
+        url.set_query(Some("$select=userPurpose"));
+        match self
+            .send(tenant_id, "mailbox_purpose", |h| h.get(url.clone()))
+            .await
+        {
+            Ok(resp) => {
+                let settings: MailboxSettings = read_json(resp).await?;
+                Ok(settings.user_purpose)
+            }
+            Err(GraphError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn granted_permissions(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Option<Vec<String>>, GraphError> {
+        let token = self.access_token(tenant_id).await?;
+        Ok(roles_in_token(token.expose_secret()))
+    }
+}
+
+impl GraphClient {
+    /// Every item of a paged collection, following `@odata.nextLink` (same origin only),
+    /// with `headers` on every page's request.
+    async fn get_pages<T: DeserializeOwned>(
+        &self,
+        tenant_id: &str,
+        op: &'static str,
+        first: Url,
+        headers: &[(&str, &str)],
+    ) -> Result<Vec<T>, GraphError> {
+        let mut next = Some(first);
         let mut all = Vec::new();
         let mut pages = 0;
         while let Some(url) = next.take() {
@@ -404,13 +497,17 @@ impl GraphApi for GraphClient {
             if pages > MAX_PAGES {
                 return Err(GraphError::Rejected {
                     status: 200,
-                    body: format!("more than {MAX_PAGES} pages of subscriptions"),
+                    body: format!("{op}: more than {MAX_PAGES} pages"),
                 });
             }
             let resp = self
-                .send(tenant_id, "list_subscriptions", |h| h.get(url.clone()))
+                .send(tenant_id, op, |h| {
+                    headers
+                        .iter()
+                        .fold(h.get(url.clone()), |req, (k, v)| req.header(*k, *v))
+                })
                 .await?;
-            let page: Page<Subscription> = read_json(resp).await?;
+            let page: Page<T> = read_json(resp).await?;
             all.extend(page.value);
             if let Some(link) = page.next_link {
                 next = Some(self.same_origin(&link)?);
@@ -418,9 +515,7 @@ impl GraphApi for GraphClient {
         }
         Ok(all)
     }
-}
 
-impl GraphClient {
     /// A next link, refused unless it points at the configured API origin: the bearer token
     /// must never be sent anywhere else.
     fn same_origin(&self, link: &str) -> Result<Url, GraphError> {
@@ -538,6 +633,60 @@ impl ExpiresIn {
             Self::Text(s) => s.trim().parse().ok(),
         }
     }
+}
+
+/// The `roles` claim of a JWT access token, read without verifying the signature (see the
+/// module docs). `None` unless the token is a three-part JWS whose payload is a JSON object
+/// with `roles` as an array of strings; an encrypted (five-part) or opaque token is `None`.
+fn roles_in_token(token: &str) -> Option<Vec<String>> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Claims {
+        roles: Option<Vec<String>>,
+    }
+    let claims: Claims = serde_json::from_slice(&base64url_decode(payload)?).ok()?;
+    claims.roles
+}
+
+/// Base64url without padding (RFC 4648 §5, as JWTs use it); trailing `=` is tolerated.
+/// Crate-visible so that the Graph simulator's tests can read the tokens it mints.
+pub(crate) fn base64url_decode(input: &str) -> Option<Vec<u8>> {
+    let input = input.trim_end_matches('=');
+    // One leftover character carries 6 bits: not a whole byte, so not base64.
+    if input.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(input.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in input.bytes() {
+        let sextet = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(sextet);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// `GET /users/{id}/mailboxSettings?$select=userPurpose`.
+#[derive(Deserialize)]
+struct MailboxSettings {
+    #[serde(rename = "userPurpose")]
+    user_purpose: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -80,6 +80,18 @@ impl GraphUser {
     }
 }
 
+/// A group a user belongs to, directly or through nested groups
+/// (`GET /users/{id}/transitiveMemberOf/microsoft.graph.group?$select=id,displayName`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub id: String,
+    /// `None` when the group has no name, or when the app may read users but not groups
+    /// (only `User.Read.All`): Graph then returns each group with its id alone ("limited
+    /// information"). Match groups by id to be independent of that.
+    #[serde(rename = "displayName")]
+    pub display_name: Option<String>,
+}
+
 /// A subscription to create (`POST /subscriptions`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -168,6 +180,44 @@ pub trait GraphApi: Send + Sync + std::fmt::Debug {
 
     /// `GET /subscriptions` (all pages).
     async fn list_subscriptions(&self, tenant_id: &str) -> Result<Vec<Subscription>, GraphError>;
+
+    /// The groups the user is a member of, directly or through nested groups
+    /// (`GET /users/{id}/transitiveMemberOf/microsoft.graph.group`, all pages).
+    /// `Ok(None)` when Graph answers 404 (the user is gone).
+    ///
+    /// Application permission: `User.Read.All` is enough to list the groups, but then each
+    /// comes with its id only ([`Group::display_name`] is `None`); `GroupMember.Read.All`
+    /// (or `Group.Read.All`, `Directory.Read.All`) adds the names. With none of these Graph
+    /// answers 403, i.e. [`GraphError::Unauthorized`].
+    async fn member_of(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Vec<Group>>, GraphError>;
+
+    /// The user's mailbox type, `userPurpose` of `GET /users/{id}/mailboxSettings`:
+    /// `user`, `linked`, `shared`, `room`, `equipment` or `others` (Graph may add values).
+    ///
+    /// `Ok(None)` when Graph answers 404, which it does both for a user that does not exist
+    /// and for a user without an Exchange Online mailbox (no licence, guest, or a mailbox
+    /// still on-premises in a hybrid setup: `MailboxNotEnabledForRESTAPI`); the two read the
+    /// same. Without `MailboxSettings.Read` Graph answers 403 `ErrorAccessDenied`, i.e.
+    /// [`GraphError::Unauthorized`] (an Exchange application access policy that excludes
+    /// the mailbox looks the same).
+    async fn mailbox_purpose(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+    ) -> Result<Option<String>, GraphError>;
+
+    /// The application permissions (`roles` claim) of the app-only token used for this
+    /// tenant: the cached one, or a fresh one if none is cached. Reflects what Graph will
+    /// authorize the next requests with: permission changes show up once a new token is
+    /// issued. `Ok(None)` when the token is not a readable JWT or carries no `roles` claim
+    /// (Entra leaves the claim out when no application permission is granted): unknown,
+    /// for reporting only.
+    async fn granted_permissions(&self, tenant_id: &str)
+    -> Result<Option<Vec<String>>, GraphError>;
 }
 
 #[cfg(test)]

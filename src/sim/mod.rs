@@ -15,6 +15,9 @@ use crate::proofpoint::PpUser;
 pub async fn run_standalone(args: SimArgs) -> anyhow::Result<()> {
     let graph = graph::GraphSim::new();
     graph.add_app(&args.client_id, &args.client_secret);
+    graph
+        .set_app_permissions(&args.client_id, sandbox::ALL_PERMISSIONS)
+        .map_err(|e| anyhow::anyhow!("granting the simulated app its permissions: {e}"))?;
     graph.add_tenant(&args.tenant);
     let pp = proofpoint::ProofpointSim::new();
     pp.add_org(&args.org);

@@ -15,6 +15,13 @@ use crate::proofpoint::PpUser;
 
 const CLIENT_ID: &str = "flagrelay-sandbox-app";
 const PP_ADMIN: &str = "admin";
+/// The application permissions flagrelay can use (README, "Entra app registration").
+pub const ALL_PERMISSIONS: &[&str] = &[
+    "User.Read.All",
+    "GroupMember.Read.All",
+    "MailboxSettings.Read",
+    "User-LifeCycleInfo.Read.All",
+];
 
 /// Both simulators plus a configuration that points at them.
 #[derive(Debug)]
@@ -23,8 +30,11 @@ pub struct Sandbox {
     pub proofpoint: ProofpointSim,
     pub tenant_id: String,
     pub org: String,
-    /// Validated; `amqp.url` unset (choose the queue yourself).
+    /// Validated; `amqp.url` unset (choose the queue yourself); `worker.state_dir` is a
+    /// fresh directory removed with the sandbox.
     pub config: Config,
+    /// Scratch directory (state, policy files), removed on drop.
+    pub dir: std::path::PathBuf,
     _graph_server: GraphSimServer,
     _pp_server: ProofpointSimServer,
 }
@@ -43,6 +53,8 @@ impl Sandbox {
         let pp_password = random_secret();
         let graph = GraphSim::new();
         graph.add_app(CLIENT_ID, &client_secret);
+        // Everything the shipped policy can use, as an admin would grant it.
+        graph.set_app_permissions(CLIENT_ID, ALL_PERMISSIONS)?;
         graph.add_tenant(tenant_id);
         let graph_server = graph.spawn(TcpListener::bind("127.0.0.1:0").await?).await?;
         let proofpoint = ProofpointSim::new();
@@ -68,6 +80,12 @@ impl Sandbox {
             id: tenant_id.into(),
             org_domain: org.into(),
         }];
+        let dir = std::env::temp_dir().join(format!(
+            "flagrelay-sandbox-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        config.worker.state_dir = dir.join("state");
         config.validate()?;
         Ok(Self {
             graph,
@@ -75,6 +93,7 @@ impl Sandbox {
             tenant_id: tenant_id.into(),
             org: org.into(),
             config,
+            dir,
             _graph_server: graph_server,
             _pp_server: pp_server,
         })
@@ -128,6 +147,14 @@ impl Sandbox {
             .expect("the user was seeded");
     }
 
+    /// Write `toml` as the sandbox's policy file and point the configuration at it.
+    pub fn use_policy(&mut self, toml: &str) -> std::io::Result<()> {
+        let path = self.dir.join("policy.toml");
+        std::fs::write(&path, toml)?;
+        self.config.policy.file = Some(path);
+        Ok(())
+    }
+
     /// Whether Proofpoint has the user with `is_active == active` right now.
     pub fn is_active(&self, user: &SeededUser) -> Option<bool> {
         self.proofpoint
@@ -155,6 +182,12 @@ impl Sandbox {
                 },
             )
             .await
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -7,6 +7,8 @@
 //! converge to the same state. Two messages for the same user never run at once: shards
 //! give that across processes, a per-key lock within one.
 
+pub mod converge;
+pub mod gather;
 pub mod outcome;
 
 use std::collections::HashMap;
@@ -20,13 +22,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, field};
 
-use crate::graph::{GraphApi, GraphError, USER_SELECT};
+use crate::graph::GraphApi;
 use crate::message::{
     self, DecodeError, Decoded, Message, Signer, UserChanged, UserOutcome, Verifier,
 };
-use crate::policy::{Facts, Policy};
-use crate::proofpoint::{OrgAccess, PpError, ProofpointApi};
+use crate::policy::{Breaker, SharedPolicy};
+use crate::proofpoint::{OrgAccess, ProofpointApi};
 use crate::queue::{Delivered, Delivery, Queue, QueueError, Settlement};
+use crate::state::StateStore;
 use crate::telemetry::Metrics;
 use outcome::{Detail, Outcome, RetryPolicy};
 
@@ -36,8 +39,9 @@ pub struct WorkerDeps {
     pub queue: Arc<dyn Queue>,
     pub graph: Arc<dyn GraphApi>,
     pub proofpoint: Arc<dyn ProofpointApi>,
-    pub policy: Arc<dyn Policy>,
+    pub policy: Arc<SharedPolicy>,
     pub metrics: Arc<Metrics>,
+    pub state: StateStore,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +51,8 @@ pub struct WorkerSettings {
     pub retry: RetryPolicy,
     /// Decide and publish outcome events, but never write to Proofpoint.
     pub dry_run: bool,
+    /// How often a deactivation held by the tripped breaker is looked at again.
+    pub breaker_recheck: Duration,
     /// After shutdown is requested, how long in-flight messages may take to finish.
     pub shutdown_deadline: Duration,
 }
@@ -61,6 +67,10 @@ pub struct Worker {
     /// Entra tenant id (lower-case) → its Proofpoint organization.
     orgs: HashMap<String, OrgAccess>,
     locks: KeyedLocks,
+    /// Counts this process's deactivations; its trip is persisted in the state store.
+    breaker: Mutex<Breaker>,
+    /// Org domain → (when counted, users): the breaker's share denominator.
+    org_sizes: Mutex<HashMap<String, (std::time::Instant, usize)>>,
 }
 
 impl Worker {
@@ -71,7 +81,21 @@ impl Worker {
         signer: Signer,
         orgs: impl IntoIterator<Item = (String, OrgAccess)>,
     ) -> Arc<Self> {
+        let mut breaker = Breaker::new(deps.policy.current().breaker());
+        match deps.state.active_trip() {
+            Ok(trip) => {
+                if let Some(trip) = trip {
+                    tracing::error!(reason = %trip.reason, "the blast-radius breaker is still tripped from before; deactivations stay held until released");
+                    breaker.restore(trip);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not read the breaker state; starting untripped")
+            }
+        }
         Arc::new(Self {
+            breaker: Mutex::new(breaker),
+            org_sizes: Mutex::new(HashMap::new()),
             deps,
             settings,
             verifier,
@@ -209,84 +233,6 @@ impl Worker {
         }
     }
 
-    async fn converge_user(&self, m: &UserChanged) -> Outcome {
-        let Some(org) = self.orgs.get(&m.tenant_id.to_ascii_lowercase()) else {
-            return Outcome::Permanent {
-                reason: "unknown_tenant",
-                error: format!("tenant {} is not configured", m.tenant_id),
-            };
-        };
-        let user = match self
-            .deps
-            .graph
-            .get_user(&m.tenant_id, &m.user_id, USER_SELECT)
-            .await
-        {
-            Ok(Some(u)) => u,
-            Ok(None) => {
-                return skipped(
-                    "deleted_in_graph",
-                    "Graph answers 404: the user is deleted; Proofpoint is left alone",
-                    Detail::default(),
-                );
-            }
-            Err(e) => return graph_failure(e),
-        };
-        let Some(address) = user.proofpoint_address() else {
-            return skipped(
-                "no_address",
-                "the user has no mail, SMTP proxy address or UPN with an @",
-                Detail::default(),
-            );
-        };
-        let mut detail = Detail {
-            address: Some(address.clone()),
-            ..Detail::default()
-        };
-        let pp_user = match self.deps.proofpoint.get_user(org, &address).await {
-            Ok(Some(u)) => u,
-            Ok(None) => {
-                return skipped(
-                    "unknown_to_proofpoint",
-                    "Proofpoint has no user with this address",
-                    detail,
-                );
-            }
-            Err(e) => return pp_failure(e),
-        };
-        let decision = self.deps.policy.decide(
-            &Facts {
-                user: &user,
-                proofpoint: &pp_user,
-            },
-            Utc::now(),
-        );
-        detail.action = Some(decision.action.as_str().to_owned());
-        detail.reason = format!("{}: {}", decision.rule, decision.reason);
-        detail.was_active = Some(pp_user.is_active);
-        let Some(desired) = decision.action.desired_active() else {
-            detail.is_active = Some(pp_user.is_active);
-            return Outcome::Skipped {
-                reason: decision.rule,
-                detail,
-            };
-        };
-        detail.is_active = Some(desired);
-        if pp_user.is_active == desired {
-            return Outcome::NoChange { detail };
-        }
-        if self.settings.dry_run {
-            return Outcome::Applied { detail };
-        }
-        // Read-modify-write of the whole object: fields we do not know are sent back as read.
-        let mut updated = pp_user;
-        updated.is_active = desired;
-        match self.deps.proofpoint.put_user(org, &updated).await {
-            Ok(()) => Outcome::Applied { detail },
-            Err(e) => pp_failure(e),
-        }
-    }
-
     /// Settle, count, log and publish the outcome event.
     async fn finish(
         &self,
@@ -311,6 +257,13 @@ impl Worker {
                 Metrics::inc(&metrics.outcomes_skipped_total);
                 tracing::info!(outcome = ?outcome, "skipped");
             }
+            (Settlement::Retry { delay, .. }, Outcome::Waiting { .. }) => {
+                tracing::debug!(?delay, "recheck not due yet; parked again");
+            }
+            (Settlement::Retry { delay, .. }, Outcome::Held { reason, detail, .. }) => {
+                Metrics::inc(&metrics.outcomes_held_total);
+                tracing::warn!(?delay, address = ?detail.address, %reason, "deactivation held by the breaker");
+            }
             (
                 Settlement::Retry {
                     delay,
@@ -334,9 +287,9 @@ impl Worker {
                 tracing::error!(%reason, attempts, error = %last_error, "dead-lettered");
             }
         }
-        if !matches!(settlement, Settlement::Retry { .. })
-            && let Some(Message::UserChanged(m)) = decoded.map(|d| &d.message)
-        {
+        let announce = !matches!(settlement, Settlement::Retry { .. })
+            || matches!(outcome, Outcome::Held { .. });
+        if announce && let Some(Message::UserChanged(m)) = decoded.map(|d| &d.message) {
             self.publish_outcome(m, decoded.map(|d| d.id.as_str()).unwrap_or(""), &outcome)
                 .await;
         }
@@ -351,6 +304,12 @@ impl Worker {
                 (detail.clone(), detail.reason.clone())
             }
             Outcome::Skipped { reason, detail } => (detail.clone(), reason.clone()),
+            Outcome::Held { reason, detail, .. } => {
+                (detail.clone(), format!("held by the breaker: {reason}"))
+            }
+            Outcome::Waiting { .. } => {
+                (Detail::default(), "waiting for a scheduled recheck".into())
+            }
             Outcome::Transient { error, .. } => (Detail::default(), error.clone()),
             Outcome::Permanent { reason, error } => {
                 (Detail::default(), format!("{reason}: {error}"))
@@ -380,52 +339,6 @@ impl Worker {
         {
             Metrics::inc(&self.deps.metrics.outcome_event_failures_total);
             tracing::warn!(%error, "could not publish the outcome event");
-        }
-    }
-}
-
-fn skipped(reason: &str, why: &str, mut detail: Detail) -> Outcome {
-    detail.reason = why.to_owned();
-    Outcome::Skipped {
-        reason: reason.to_owned(),
-        detail,
-    }
-}
-
-fn graph_failure(e: GraphError) -> Outcome {
-    if e.is_retryable() {
-        Outcome::Transient {
-            retry_after: e.retry_after(),
-            error: format!("graph: {e}"),
-        }
-    } else if matches!(e, GraphError::Unauthorized { .. }) {
-        Outcome::Permanent {
-            reason: "graph_unauthorized",
-            error: e.to_string(),
-        }
-    } else {
-        Outcome::Permanent {
-            reason: "graph_rejected",
-            error: e.to_string(),
-        }
-    }
-}
-
-fn pp_failure(e: PpError) -> Outcome {
-    if e.is_retryable() {
-        Outcome::Transient {
-            retry_after: e.retry_after(),
-            error: format!("proofpoint: {e}"),
-        }
-    } else if matches!(e, PpError::Unauthorized { .. }) {
-        Outcome::Permanent {
-            reason: "proofpoint_unauthorized",
-            error: e.to_string(),
-        }
-    } else {
-        Outcome::Permanent {
-            reason: "proofpoint_rejected",
-            error: e.to_string(),
         }
     }
 }

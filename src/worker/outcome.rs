@@ -15,6 +15,15 @@ pub enum Outcome {
     /// Left alone on purpose: deleted in Graph, unknown to Proofpoint, a guard, a lifecycle
     /// event nobody reacts to yet.
     Skipped { reason: String, detail: Detail },
+    /// A scheduled recheck that is not due yet: parked again, silently, attempts untouched.
+    Waiting { delay: Duration },
+    /// A deactivation the blast-radius breaker holds back: kept queued (parked again,
+    /// attempts untouched) until an operator releases the breaker.
+    Held {
+        reason: String,
+        delay: Duration,
+        detail: Detail,
+    },
     /// Might work later: timeouts, 5xx, throttling (with the server's `Retry-After`).
     Transient {
         error: String,
@@ -40,7 +49,8 @@ impl Outcome {
         match self {
             Outcome::Applied { .. } => "applied",
             Outcome::NoChange { .. } => "no_change",
-            Outcome::Skipped { .. } => "skipped",
+            Outcome::Skipped { .. } | Outcome::Waiting { .. } => "skipped",
+            Outcome::Held { .. } => "held",
             // A transient outcome only reaches an event when its attempts are exhausted.
             Outcome::Transient { .. } | Outcome::Permanent { .. } => "dead_lettered",
         }
@@ -80,6 +90,17 @@ pub fn settle(
         Outcome::Applied { .. } | Outcome::NoChange { .. } | Outcome::Skipped { .. } => {
             Settlement::Ack
         }
+        // Parking is not an attempt: the count stays as it was.
+        Outcome::Waiting { delay } => Settlement::Retry {
+            delay: *delay,
+            attempt: previous_attempts,
+            last_error: "waiting for a scheduled recheck".into(),
+        },
+        Outcome::Held { reason, delay, .. } => Settlement::Retry {
+            delay: *delay,
+            attempt: previous_attempts,
+            last_error: format!("held by the breaker: {reason}"),
+        },
         Outcome::Permanent { reason, error } => Settlement::DeadLetter {
             reason: (*reason).to_owned(),
             attempts: attempt,
@@ -176,6 +197,32 @@ mod tests {
         check(transient(None), 0, 0.8, retry(800, 1));
         check(transient(None), 0, 7.0, retry(1200, 1)); // jitter is clamped
         assert_eq!(backoff(&POLICY, 30), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn waiting_and_held_messages_are_parked_without_counting_an_attempt() {
+        let delay = Duration::from_secs(600);
+        let parked = |last_error: &str| Settlement::Retry {
+            delay,
+            attempt: 3,
+            last_error: last_error.into(),
+        };
+        check(
+            Outcome::Waiting { delay },
+            3,
+            1.2,
+            parked("waiting for a scheduled recheck"),
+        );
+        check(
+            Outcome::Held {
+                reason: "tripped".into(),
+                delay,
+                detail: Detail::default(),
+            },
+            3,
+            0.8,
+            parked("held by the breaker: tripped"),
+        );
     }
 
     #[test]

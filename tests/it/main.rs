@@ -7,6 +7,7 @@
 mod support;
 
 mod pipeline;
+mod policy;
 mod queue_conformance;
 mod receiver;
 mod schemas;

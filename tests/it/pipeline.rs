@@ -212,6 +212,7 @@ async fn a_message_with_a_bad_signature_is_dead_lettered_and_never_applied() {
         event_time: None,
         received_at: chrono::Utc::now(),
         origin: Origin::Manual,
+        not_before: None,
     });
     let attacker = Signer::new(
         "k1",

@@ -329,7 +329,8 @@ async fn broker_unreachable_means_503_with_retry_after_and_nothing_is_acknowledg
             flagrelay::proofpoint::client::ProofpointClient::new(5, Duration::from_secs(1))
                 .unwrap(),
         ),
-    );
+    )
+    .unwrap();
     let state = sandbox
         .config
         .graph

@@ -111,7 +111,8 @@ fn cases() -> Vec<Case> {
                 event_time: Some(time("2026-11-23T10:00:00.1234567Z")),
                 // Sub-second precision as the receiver really stamps it.
                 received_at: Utc::now(),
-                origin: Origin::Notification,
+                origin: Origin::Recheck,
+                not_before: Some(time("2026-11-30T10:00:00Z")),
             }),
             minimal: Message::UserChanged(UserChanged {
                 tenant_id: "t-1".into(),
@@ -121,6 +122,7 @@ fn cases() -> Vec<Case> {
                 event_time: None,
                 received_at: time("2026-11-23T10:00:01Z"),
                 origin: Origin::Manual,
+                not_before: None,
             }),
         },
         Case {
@@ -169,8 +171,14 @@ fn outcome(result: &str, action: Option<&str>, known: bool) -> Message {
 /// Every message shape the worker can publish: each result, with and without each action.
 fn outcome_variants() -> Vec<Message> {
     let mut all = Vec::new();
-    for result in ["applied", "no_change", "skipped", "dead_lettered"] {
-        for action in [None, Some("activate"), Some("deactivate"), Some("ignore")] {
+    for result in ["applied", "no_change", "skipped", "held", "dead_lettered"] {
+        for action in [
+            None,
+            Some("activate"),
+            Some("deactivate"),
+            Some("ignore"),
+            Some("keep_mail_flowing"),
+        ] {
             all.push(outcome(result, action, action.is_some()));
         }
     }
@@ -210,11 +218,17 @@ fn every_schema_is_draft_2020_12_with_its_id_and_a_description() {
         validator(&name);
         found.insert(name);
     }
-    let expected: BTreeSet<String> = [ENVELOPE, GRAPH_CHANGE, GRAPH_LIFECYCLE]
-        .into_iter()
-        .chain(MESSAGE_SCHEMAS)
-        .map(str::to_owned)
-        .collect();
+    // policy.schema.json describes the policy file; its own test is in src/policy/tests.
+    let expected: BTreeSet<String> = [
+        ENVELOPE,
+        GRAPH_CHANGE,
+        GRAPH_LIFECYCLE,
+        "policy.schema.json",
+    ]
+    .into_iter()
+    .chain(MESSAGE_SCHEMAS)
+    .map(str::to_owned)
+    .collect();
     assert_eq!(found, expected);
 }
 

@@ -80,18 +80,29 @@ pub fn test_queue_settings(name: &str) -> QueueSettings {
     s
 }
 
-/// The queue for a test; the RabbitMQ handle is returned too, to delete the topology after.
-pub async fn queue_for(backend: Backend, name: &str) -> (Arc<dyn Queue>, Option<RabbitQueue>) {
-    match backend {
-        Backend::Rabbit => {
-            require_broker().await;
-            let q = RabbitQueue::new(amqp_secret(), test_queue_settings(name));
-            (Arc::new(q.clone()), Some(q))
+/// A test's queue, with the concrete handle kept for clean-up and inspection.
+#[derive(Debug, Clone)]
+pub enum TestQueue {
+    Rabbit(RabbitQueue),
+    Embedded(EmbeddedQueue),
+}
+
+impl TestQueue {
+    pub async fn new(backend: Backend, name: &str) -> Self {
+        match backend {
+            Backend::Rabbit => {
+                require_broker().await;
+                Self::Rabbit(RabbitQueue::new(amqp_secret(), test_queue_settings(name)))
+            }
+            Backend::Embedded => Self::Embedded(EmbeddedQueue::new(test_queue_settings(name))),
         }
-        Backend::Embedded => (
-            Arc::new(EmbeddedQueue::new(test_queue_settings(name))),
-            None,
-        ),
+    }
+
+    pub fn shared(&self) -> Arc<dyn Queue> {
+        match self {
+            Self::Rabbit(q) => Arc::new(q.clone()),
+            Self::Embedded(q) => Arc::new(q.clone()),
+        }
     }
 }
 
@@ -103,7 +114,7 @@ pub struct TestApp {
     pub url: String,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    rabbit: Option<RabbitQueue>,
+    queue: TestQueue,
 }
 
 #[derive(Debug, Clone)]
@@ -114,7 +125,27 @@ pub struct Options {
     pub subscribe: bool,
     /// Start the worker (false: receiver only, to inspect the queue).
     pub worker: bool,
+    /// Policy file contents (`None`: the built-in mirror policy).
+    pub policy: Option<String>,
 }
+
+/// Mirror `accountEnabled`, with the breaker opened wide: for tests that deactivate most of
+/// a small org on purpose (the breaker has tests of its own).
+pub const MIRROR_NO_BREAKER: &str = r#"
+[breaker]
+max_deactivations = 100000
+max_share = 1.0
+window = "1h"
+
+[[rule]]
+name = "enabled"
+when = { account_enabled = true }
+action = "activate"
+
+[[rule]]
+name = "default"
+action = "deactivate"
+"#;
 
 impl Default for Options {
     fn default() -> Self {
@@ -123,22 +154,41 @@ impl Default for Options {
             max_attempts: 5,
             subscribe: true,
             worker: true,
+            policy: Some(MIRROR_NO_BREAKER.to_owned()),
         }
     }
 }
 
 impl TestApp {
     pub async fn start(name: &str, opts: Options) -> TestApp {
-        let sandbox = Sandbox::start(TENANT, ORG).await.expect("sandbox starts");
+        Self::start_with(name, opts, |_| {}).await
+    }
+
+    /// Like [`TestApp::start`], with a last say on the configuration.
+    pub async fn start_with(
+        name: &str,
+        opts: Options,
+        adjust: impl FnOnce(&mut flagrelay::config::Config),
+    ) -> TestApp {
+        // Logs of the app under test, when RUST_LOG asks for them.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        }
+        let mut sandbox = Sandbox::start(TENANT, ORG).await.expect("sandbox starts");
+        if let Some(policy) = &opts.policy {
+            sandbox.use_policy(policy).expect("policy file written");
+        }
         let mut config = sandbox.config.clone();
         config.worker.max_attempts = opts.max_attempts;
         config.worker.backoff_base = Duration::from_millis(50);
         config.worker.backoff_max = Duration::from_millis(500);
-        let (queue, rabbit) = queue_for(opts.backend, name).await;
+        adjust(&mut config);
+        let test_queue = TestQueue::new(opts.backend, name).await;
+        let queue = test_queue.shared();
         let graph = Arc::new(GraphClient::new(&config.graph).expect("graph client"));
         let pp =
             Arc::new(ProofpointClient::from_config(&config.proofpoint).expect("proofpoint client"));
-        let app = App::with_parts(config, queue, graph, pp);
+        let app = App::with_parts(config, queue, graph, pp).expect("app builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -161,7 +211,7 @@ impl TestApp {
             url,
             stop,
             task: Some(task),
-            rabbit,
+            queue: test_queue,
         };
         if opts.subscribe {
             t.sandbox
@@ -178,10 +228,18 @@ impl TestApp {
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
         }
-        if let Some(r) = self.rabbit.take()
+        if let TestQueue::Rabbit(r) = &self.queue
             && let Err(e) = r.delete_topology().await
         {
             eprintln!("could not delete the test topology: {e}");
+        }
+    }
+
+    /// The embedded queue, when the test runs on it (to read published events).
+    pub fn embedded(&self) -> Option<&EmbeddedQueue> {
+        match &self.queue {
+            TestQueue::Embedded(q) => Some(q),
+            TestQueue::Rabbit(_) => None,
         }
     }
 }

@@ -192,10 +192,8 @@ async fn debug_never_shows_secret_or_tokens() {
     let f = fixture().await;
     f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap();
     let shown = format!("{:?}", f.client);
-    assert!(
-        !shown.contains(SECRET) && !shown.contains("simtok"),
-        "{shown}"
-    );
+    // Tokens are JWTs: base64url of `{"` starts with `eyJ`.
+    assert!(!shown.contains(SECRET) && !shown.contains("eyJ"), "{shown}");
     assert!(shown.contains("cached_tenants: 1"), "{shown}");
 }
 
@@ -528,4 +526,316 @@ fn config_without_secret_is_refused() {
         GraphClient::new(&cfg),
         Err(GraphClientError::MissingSecret)
     ));
+}
+
+/// Bob ∈ Sales ∈ EMEA ∈ Everyone, plus two more groups Bob is directly in (5 in all).
+const BOB: &str = "bbbbbbbb-0000-4000-8000-00000000000b";
+
+fn seed_memberships(sim: &GraphSim) {
+    sim.upsert_user(
+        TENANT,
+        GraphUser {
+            id: BOB.into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for (id, name) in [
+        ("g1-sales", "Sales"),
+        ("g2-emea", "EMEA"),
+        ("g3-all", "Everyone"),
+        ("g4-vpn", "VPN"),
+        ("g5-mfa", "MFA"),
+        ("g6-other", "Other"),
+    ] {
+        sim.add_group(TENANT, id, name).unwrap();
+    }
+    for (group, member) in [
+        ("g1-sales", BOB),
+        ("g2-emea", "g1-sales"),
+        ("g3-all", "g2-emea"),
+        ("g4-vpn", BOB),
+        ("g5-mfa", BOB),
+        ("g6-other", ALICE),
+    ] {
+        sim.add_member(TENANT, group, member).unwrap();
+    }
+}
+
+fn group(id: &str, name: Option<&str>) -> Group {
+    Group {
+        id: id.into(),
+        display_name: name.map(str::to_owned),
+    }
+}
+
+#[tokio::test]
+async fn member_of_is_transitive_and_follows_pages() {
+    let f = fixture().await;
+    seed_memberships(&f.sim);
+    f.sim
+        .set_app_permissions(APP, &["User.Read.All", "GroupMember.Read.All"])
+        .unwrap();
+    f.sim.update_settings(|s| s.member_of_page_size = 2);
+    let groups = f.client.member_of(TENANT, BOB).await.unwrap().unwrap();
+    assert_eq!(
+        groups,
+        [
+            group("g1-sales", Some("Sales")),
+            group("g2-emea", Some("EMEA")),
+            group("g3-all", Some("Everyone")),
+            group("g4-vpn", Some("VPN")),
+            group("g5-mfa", Some("MFA")),
+        ]
+    );
+    let pages: Vec<_> = f
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.path.contains("/transitiveMemberOf/"))
+        .collect();
+    assert_eq!(pages.len(), 3);
+    assert_eq!(
+        pages[0].query.as_deref(),
+        Some("$select=id,displayName&$top=999&$count=true")
+    );
+    assert!(pages.iter().all(|p| p.status == 200));
+
+    // Membership changes need no notification to be seen: the next read has them.
+    f.sim.remove_member(TENANT, "g2-emea", "g1-sales").unwrap();
+    let ids: Vec<_> = f
+        .client
+        .member_of(TENANT, BOB)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(ids, ["g1-sales", "g4-vpn", "g5-mfa"]);
+}
+
+#[tokio::test]
+async fn member_of_without_group_permissions() {
+    let f = fixture().await;
+    seed_memberships(&f.sim);
+    // User.Read.All alone (the default): the groups, by id only.
+    let groups = f.client.member_of(TENANT, ALICE).await.unwrap().unwrap();
+    assert_eq!(groups, [group("g6-other", None)]);
+    assert_eq!(f.client.member_of(TENANT, "nobody").await.unwrap(), None);
+    assert!(matches!(
+        f.client.member_of(TENANT, "..").await,
+        Err(GraphError::Rejected { status: 400, .. })
+    ));
+
+    // Neither user nor group permissions: 403, not worth retrying.
+    f.sim
+        .set_app_permissions(APP, &["MailboxSettings.Read"])
+        .unwrap();
+    let client = client_for(&f.server, SECRET, Duration::from_secs(5));
+    let err = client.member_of(TENANT, ALICE).await.unwrap_err();
+    assert!(
+        matches!(&err, GraphError::Unauthorized { status: 403, body } if body.contains("Authorization_RequestDenied")),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+}
+
+#[tokio::test]
+async fn mailbox_purpose_reads_user_purpose_and_none_without_a_mailbox() {
+    let f = fixture().await;
+    f.sim
+        .set_app_permissions(APP, &["User.Read.All", "MailboxSettings.Read"])
+        .unwrap();
+    f.sim
+        .upsert_user(
+            TENANT,
+            GraphUser {
+                id: "room-1".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    f.sim
+        .set_mailbox_purpose(TENANT, ALICE, Some("shared"))
+        .unwrap();
+    f.sim
+        .set_mailbox_purpose(TENANT, "room-1", Some("room"))
+        .unwrap();
+    f.sim
+        .upsert_user(
+            TENANT,
+            GraphUser {
+                id: "no-mailbox".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let purpose = |id: &'static str| f.client.mailbox_purpose(TENANT, id);
+    assert_eq!(purpose(ALICE).await.unwrap().as_deref(), Some("shared"));
+    assert_eq!(purpose("room-1").await.unwrap().as_deref(), Some("room"));
+    // No mailbox and no user read the same.
+    assert_eq!(purpose("no-mailbox").await.unwrap(), None);
+    assert_eq!(purpose("nobody").await.unwrap(), None);
+    let query = f
+        .sim
+        .request_log()
+        .into_iter()
+        .find(|r| r.path.ends_with("/mailboxSettings"))
+        .and_then(|r| r.query);
+    assert_eq!(query.as_deref(), Some("$select=userPurpose"));
+
+    // Without MailboxSettings.Read: 403 ErrorAccessDenied.
+    f.sim.set_app_permissions(APP, &["User.Read.All"]).unwrap();
+    let client = client_for(&f.server, SECRET, Duration::from_secs(5));
+    let err = client.mailbox_purpose(TENANT, ALICE).await.unwrap_err();
+    assert!(
+        matches!(&err, GraphError::Unauthorized { status: 403, body } if body.contains("ErrorAccessDenied")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn new_operations_see_injected_faults() {
+    let f = fixture().await;
+    f.sim
+        .set_app_permissions(APP, &["User.Read.All", "MailboxSettings.Read"])
+        .unwrap();
+    f.sim.throttle_next(1, Some(4));
+    let err = f.client.member_of(TENANT, ALICE).await.unwrap_err();
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(4)));
+    f.sim.fail_next(1, 503).unwrap();
+    let err = f.client.mailbox_purpose(TENANT, ALICE).await.unwrap_err();
+    assert!(
+        matches!(err, GraphError::Throttled { status: 503, .. }),
+        "{err:?}"
+    );
+    f.sim.fail_next(1, 500).unwrap();
+    let err = f.client.member_of(TENANT, ALICE).await.unwrap_err();
+    assert!(
+        matches!(err, GraphError::Server { status: 500, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        f.client.member_of(TENANT, ALICE).await.unwrap(),
+        Some(vec![])
+    );
+}
+
+#[tokio::test]
+async fn granted_permissions_come_from_the_token_in_use() {
+    let f = fixture().await;
+    assert_eq!(
+        f.client.granted_permissions(TENANT).await.unwrap(),
+        Some(vec!["User.Read.All".to_owned()])
+    );
+    assert_eq!(f.sim.token_requests(), 1, "fetched a token to read it");
+
+    let wanted = [
+        "User.Read.All",
+        "GroupMember.Read.All",
+        "MailboxSettings.Read",
+    ];
+    f.sim.set_app_permissions(APP, &wanted).unwrap();
+    // The cached token still carries the old grant, and Graph authorizes by it.
+    assert_eq!(
+        f.client.granted_permissions(TENANT).await.unwrap(),
+        Some(vec!["User.Read.All".to_owned()])
+    );
+    assert!(f.client.mailbox_purpose(TENANT, ALICE).await.is_err());
+    // A new client (or a refreshed token) sees the new grant.
+    let fresh = client_for(&f.server, SECRET, Duration::from_secs(5));
+    let got = fresh.granted_permissions(TENANT).await.unwrap().unwrap();
+    assert_eq!(got, wanted);
+    f.sim.revoke_tokens();
+    f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap();
+    assert_eq!(
+        f.client.granted_permissions(TENANT).await.unwrap().unwrap(),
+        wanted
+    );
+    assert_eq!(f.client.mailbox_purpose(TENANT, ALICE).await.unwrap(), None);
+
+    // No roles claim (nothing granted), and an opaque token: unknown.
+    f.sim.set_app_permissions(APP, &[]).unwrap();
+    let none = client_for(&f.server, SECRET, Duration::from_secs(5));
+    assert_eq!(none.granted_permissions(TENANT).await.unwrap(), None);
+    f.sim.set_app_permissions(APP, &wanted).unwrap();
+    f.sim.update_settings(|s| s.opaque_tokens = true);
+    let opaque = client_for(&f.server, SECRET, Duration::from_secs(5));
+    assert_eq!(opaque.granted_permissions(TENANT).await.unwrap(), None);
+    assert!(
+        opaque
+            .get_user(TENANT, ALICE, &["id"])
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // Token errors surface as they do for any call.
+    let wrong = client_for(&f.server, "wrong-secret", Duration::from_secs(5));
+    assert!(matches!(
+        wrong.granted_permissions(TENANT).await,
+        Err(GraphError::Unauthorized { status: 401, .. })
+    ));
+}
+
+#[tokio::test]
+async fn employee_leave_date_needs_the_lifecycle_permission() {
+    let f = fixture().await;
+    let leave: DateTime<Utc> = "2026-06-30T16:00:00Z".parse().unwrap();
+    f.sim
+        .update_user(TENANT, ALICE, |u| u.employee_leave_date_time = Some(leave))
+        .unwrap();
+    let user = f
+        .client
+        .get_user(TENANT, ALICE, USER_SELECT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.employee_leave_date_time, None, "left out by Graph");
+    assert_eq!(user.account_enabled, Some(true));
+
+    f.sim
+        .set_app_permissions(APP, &["User.Read.All", "User-LifeCycleInfo.Read.All"])
+        .unwrap();
+    let client = client_for(&f.server, SECRET, Duration::from_secs(5));
+    let user = client
+        .get_user(TENANT, ALICE, USER_SELECT)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.employee_leave_date_time, Some(leave));
+}
+
+#[test]
+fn roles_are_read_from_jwt_payloads_only() {
+    // The simulator's encoder: an independent implementation to check the decoder against.
+    let b64 = |s: &str| crate::sim::graph::base64url(s.as_bytes());
+    let jwt = |payload: &str| format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(payload));
+    assert_eq!(
+        roles_in_token(&jwt(
+            r#"{"tid":"t","roles":["User.Read.All","Group.Read.All"]}"#
+        )),
+        Some(vec!["User.Read.All".into(), "Group.Read.All".into()])
+    );
+    assert_eq!(roles_in_token(&jwt(r#"{"roles":[]}"#)), Some(vec![]));
+    assert_eq!(roles_in_token(&jwt(r#"{"tid":"t"}"#)), None);
+    assert_eq!(roles_in_token(&jwt(r#"{"roles":"User.Read.All"}"#)), None);
+    assert_eq!(roles_in_token(&jwt("not json")), None);
+    // Padded payloads are tolerated.
+    let padded = format!("h.{}==.s", b64(r#"{"roles":["A"]}"#));
+    assert_eq!(roles_in_token(&padded), Some(vec!["A".into()]));
+    for token in ["", "opaque", "a.b", "a.b.c.d.e", "h.*bad*.s", "h.A.s"] {
+        assert_eq!(roles_in_token(token), None, "{token}");
+    }
+
+    assert_eq!(base64url_decode("").unwrap(), b"");
+    assert_eq!(base64url_decode("Zm9vYmFy").unwrap(), b"foobar");
+    assert_eq!(base64url_decode("Zm9vYg==").unwrap(), b"foob");
+    assert_eq!(base64url_decode("-_8").unwrap(), [0xfb, 0xff]);
+    assert_eq!(
+        base64url_decode("+/8"),
+        None,
+        "standard alphabet is not base64url"
+    );
 }

@@ -1,8 +1,16 @@
 //! The Graph-facing HTTP surface of the simulator: the client-credentials token endpoint,
 //! `GET /v1.0/users/{id}`, the request log middleware, and the gate every API request
-//! passes (injected latency, bearer-token check, injected throttling and failures). Error
-//! bodies have Graph's (`{"error":{"code",...}}`) or Entra's (`{"error","error_description"}`)
-//! shape. Subscriptions live in [`super::subscriptions`].
+//! passes (injected latency, bearer-token check, injected throttling and failures, then the
+//! token's permissions). Error bodies have Graph's (`{"error":{"code",...}}`) or Entra's
+//! (`{"error","error_description"}`) shape. Subscriptions live in [`super::subscriptions`],
+//! groups in [`super::groups`], mailbox settings in [`super::mailbox`].
+//!
+//! `GET /users/{id}` needs `User.Read.All` (or a broader directory permission), else 403
+//! `Authorization_RequestDenied`. `employeeLeaveDateTime` additionally needs
+//! `User-LifeCycleInfo.Read.All`: without it the property is left out of the answer even when
+//! selected (the user is still returned), so a client reads it as unset. Real Graph's
+//! behaviour here is not clearly documented; leaving it out is the reading that a client
+//! cannot tell from "no leave date", which is the case worth testing.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -20,7 +28,8 @@ use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
 use super::delivery::MAX_RECORDS;
-use super::{Grant, GraphSim, RequestRecord, subscriptions};
+use super::permissions::{self, READ_LIFECYCLE_INFO, READ_USERS, TokenClaims};
+use super::{Grant, GraphSim, RequestRecord, Tenant, groups, mailbox, subscriptions};
 use crate::graph::USER_SELECT;
 
 /// Properties `GET /users/{id}` returns without `$select` (Graph's default set: note that
@@ -76,6 +85,8 @@ pub(super) fn routes() -> Router<GraphSim> {
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token))
         .route("/v1.0/users/{id}", get(get_user))
+        .merge(groups::routes())
+        .merge(mailbox::routes())
         .merge(subscriptions::routes())
 }
 
@@ -89,6 +100,8 @@ pub(super) struct Caller {
     pub tenant_key: String,
     pub tenant_id: String,
     pub app_id: String,
+    /// The application permissions the token was issued with.
+    pub roles: Vec<String>,
 }
 
 impl Caller {
@@ -218,6 +231,19 @@ pub(super) async fn gate(sim: &GraphSim, headers: &HeaderMap) -> Result<Caller, 
     }
 }
 
+/// [`gate`], then 403 unless the token carries one of `permissions`.
+pub(super) async fn gate_with(
+    sim: &GraphSim,
+    headers: &HeaderMap,
+    permissions: &[&str],
+) -> Result<Caller, Response> {
+    let caller = gate(sim, headers).await?;
+    match caller.require(permissions) {
+        Ok(()) => Ok(caller),
+        Err(err) => Err(caller.respond(Err(err))),
+    }
+}
+
 fn authenticate(sim: &GraphSim, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
@@ -242,6 +268,7 @@ fn authenticate(sim: &GraphSim, headers: &HeaderMap) -> Result<Caller, ApiError>
     }
     let app_id = grant.app_id.clone();
     let tenant_key = grant.tenant_key.clone();
+    let roles = grant.roles.clone();
     let tenant = st
         .tenants
         .get(&tenant_key)
@@ -250,6 +277,7 @@ fn authenticate(sim: &GraphSim, headers: &HeaderMap) -> Result<Caller, ApiError>
         tenant_id: tenant.id.clone(),
         tenant_key,
         app_id,
+        roles,
     })
 }
 
@@ -425,20 +453,40 @@ fn issue_token(
             ),
         ));
     }
+    let roles = app.roles.clone();
     let lifetime = st.settings.token_lifetime;
+    let opaque = st.settings.opaque_tokens;
     let now = Instant::now();
     st.tokens.retain(|_, g| g.expires_at > now);
-    let access_token = format!(
-        "simtok.{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let service_principal_id = st
+        .tenants
+        .get_mut(&tenant_key)
+        .map(|t| {
+            t.service_principals
+                .entry(app_key.clone())
+                .or_insert_with(|| uuid::Uuid::new_v4().to_string())
+                .clone()
+        })
+        .unwrap_or_default();
+    let access_token = if opaque {
+        permissions::opaque_token()
+    } else {
+        permissions::mint_token(&TokenClaims {
+            tenant_id: &tenant_id,
+            app_id: &app_key,
+            service_principal_id: &service_principal_id,
+            audience: scope.trim_end_matches("/.default"),
+            roles: &roles,
+            lifetime_secs: lifetime.as_secs(),
+        })
+    };
     st.tokens.insert(
         access_token.clone(),
         Grant {
             tenant_key,
             app_id: app_key,
             expires_at: now + lifetime,
+            roles,
         },
     );
     let body = json!({
@@ -460,7 +508,7 @@ async fn get_user(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match gate(&sim, &headers).await {
+    let caller = match gate_with(&sim, &headers, READ_USERS).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
@@ -469,40 +517,48 @@ async fn get_user(
         let user = {
             let st = sim.state();
             let tenant = st.tenants.get(&caller.tenant_key);
-            tenant.and_then(|t| {
-                t.users.get(&id.to_ascii_lowercase()).cloned().or_else(|| {
-                    t.users
-                        .values()
-                        .find(|u| {
-                            u.user_principal_name
-                                .as_deref()
-                                .is_some_and(|upn| upn.eq_ignore_ascii_case(&id))
-                        })
-                        .cloned()
-                })
-            })
+            tenant.and_then(|t| find_user(t, &id)).cloned()
         };
         let Some(user) = user else {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "Request_ResourceNotFound",
-                format!(
-                    "Resource '{id}' does not exist or one of its queried reference-property objects are not present."
-                ),
-            ));
+            return Err(user_not_found(&id));
         };
-        let body = render_user(&user, select.as_deref(), &api_base(&headers))?;
+        let lifecycle = caller.has_any(READ_LIFECYCLE_INFO);
+        let body = render_user(&user, select.as_deref(), &api_base(&headers), lifecycle)?;
         Ok((StatusCode::OK, axum::Json(Value::Object(body))).into_response())
     })();
     caller.respond(result)
 }
 
+/// A user by id or by userPrincipalName, as Graph resolves `/users/{id | userPrincipalName}`.
+pub(super) fn find_user<'a>(tenant: &'a Tenant, id: &str) -> Option<&'a crate::graph::GraphUser> {
+    tenant.users.get(&id.to_ascii_lowercase()).or_else(|| {
+        tenant.users.values().find(|u| {
+            u.user_principal_name
+                .as_deref()
+                .is_some_and(|upn| upn.eq_ignore_ascii_case(id))
+        })
+    })
+}
+
+/// Graph's 404 for a user that does not exist.
+pub(super) fn user_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "Request_ResourceNotFound",
+        format!(
+            "Resource '{id}' does not exist or one of its queried reference-property objects are not present."
+        ),
+    )
+}
+
 /// A user as Graph renders it: the `$select`ed properties (unset ones as `null`, `id`
-/// always), or the default set without `$select`.
+/// always), or the default set without `$select`. `employeeLeaveDateTime` is left out
+/// unless the caller may read lifecycle info (`lifecycle`).
 fn render_user(
     user: &crate::graph::GraphUser,
     select: Option<&str>,
     base: &str,
+    lifecycle: bool,
 ) -> Result<Map<String, Value>, ApiError> {
     let full = match serde_json::to_value(user) {
         Ok(Value::Object(map)) => map,
@@ -535,6 +591,9 @@ fn render_user(
     out.insert("@odata.context".into(), Value::String(context));
     out.insert("id".into(), Value::String(user.id.clone()));
     for name in wanted {
+        if name == "employeeLeaveDateTime" && !lifecycle {
+            continue;
+        }
         let value = full.get(name).cloned().unwrap_or(match name {
             "businessPhones" | "otherMails" | "identities" => Value::Array(Vec::new()),
             _ => Value::Null,

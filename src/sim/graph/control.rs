@@ -8,7 +8,15 @@
 //! - `GET    /_sim/tenants/{t}/users/{id}`      one user
 //! - `PUT    /_sim/tenants/{t}/users/{id}`      create or replace (JSON `GraphUser`)
 //! - `PATCH  /_sim/tenants/{t}/users/{id}`      change some properties (`null` unsets)
-//! - `DELETE /_sim/tenants/{t}/users/{id}`      hard delete
+//! - `DELETE /_sim/tenants/{t}/users/{id}`      hard delete (and its memberships, mailbox)
+//! - `GET|PUT /_sim/tenants/{t}/users/{id}/mailbox`  read or set the mailbox purpose:
+//!   `{"userPurpose": "shared"}`, `{"userPurpose": null}` for no mailbox (no notification)
+//! - `GET    /_sim/tenants/{t}/groups`          groups with their direct members
+//! - `PUT    /_sim/tenants/{t}/groups/{g}`      create or rename: `{"displayName": "..."}`
+//! - `PUT|DELETE /_sim/tenants/{t}/groups/{g}/members/{id}`  add or remove a user or group
+//!   (no notification, as in Graph)
+//! - `GET|PUT /_sim/apps/{client_id}/permissions`  the app's application permissions, as a
+//!   JSON array of names (new tokens carry them)
 //! - `GET    /_sim/tenants/{t}/subscriptions`   all apps' subscriptions (no `clientState`)
 //! - `POST   /_sim/tenants/{t}/subscriptions/{id}/reauthorization-required`  send that
 //!   lifecycle notification
@@ -37,6 +45,20 @@ pub(super) fn routes() -> Router<GraphSim> {
                 .patch(patch_user)
                 .delete(delete_user),
         )
+        .route(
+            "/_sim/tenants/{tenant}/users/{id}/mailbox",
+            get(get_mailbox).put(put_mailbox),
+        )
+        .route("/_sim/tenants/{tenant}/groups", get(list_groups))
+        .route("/_sim/tenants/{tenant}/groups/{group}", put(put_group))
+        .route(
+            "/_sim/tenants/{tenant}/groups/{group}/members/{member}",
+            put(add_member).delete(remove_member),
+        )
+        .route(
+            "/_sim/apps/{client_id}/permissions",
+            get(get_permissions).put(put_permissions),
+        )
         .route("/_sim/tenants/{tenant}/subscriptions", get(subscriptions))
         .route(
             "/_sim/tenants/{tenant}/subscriptions/{id}/reauthorization-required",
@@ -56,7 +78,11 @@ impl From<SimError> for ControlError {
         let status = match e {
             SimError::UnknownTenant(_)
             | SimError::UnknownUser { .. }
-            | SimError::UnknownSubscription { .. } => StatusCode::NOT_FOUND,
+            | SimError::UnknownSubscription { .. }
+            | SimError::UnknownApp(_)
+            | SimError::UnknownGroup { .. }
+            | SimError::UnknownMember { .. }
+            | SimError::NotAMember { .. } => StatusCode::NOT_FOUND,
             SimError::Invalid(_) => StatusCode::BAD_REQUEST,
         };
         Self(status, e.to_string())
@@ -190,6 +216,98 @@ async fn delete_user(
 ) -> Result<StatusCode, ControlError> {
     sim.delete_user(&tenant, &id)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_mailbox(
+    State(sim): State<GraphSim>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<Response, ControlError> {
+    sim.users(&tenant)?;
+    let user = sim.user(&tenant, &id).ok_or(SimError::UnknownUser {
+        tenant_id: tenant.clone(),
+        user_id: id,
+    })?;
+    let purpose = sim.mailbox_purpose(&tenant, &user.id);
+    Ok(axum::Json(json!({ "userPurpose": purpose })).into_response())
+}
+
+async fn put_mailbox(
+    State(sim): State<GraphSim>,
+    Path((tenant, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ControlError> {
+    let value = json_body(&body)?;
+    let purpose = match value.get("userPurpose") {
+        Some(Value::String(p)) => Some(p.as_str()),
+        Some(Value::Null) => None,
+        _ => {
+            return Err(bad_request(
+                r#"expected {"userPurpose": "<purpose>"} or {"userPurpose": null}"#,
+            ));
+        }
+    };
+    sim.set_mailbox_purpose(&tenant, &id, purpose)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_groups(
+    State(sim): State<GraphSim>,
+    Path(tenant): Path<String>,
+) -> Result<Response, ControlError> {
+    Ok(axum::Json(sim.groups(&tenant)?).into_response())
+}
+
+async fn put_group(
+    State(sim): State<GraphSim>,
+    Path((tenant, group)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ControlError> {
+    let value = json_body(&body)?;
+    let name = value
+        .get("displayName")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_request(r#"expected {"displayName": "<name>"}"#))?;
+    sim.add_group(&tenant, &group, name)?;
+    let created = sim
+        .groups(&tenant)?
+        .into_iter()
+        .find(|g| g.id.eq_ignore_ascii_case(&group));
+    Ok(axum::Json(created).into_response())
+}
+
+async fn add_member(
+    State(sim): State<GraphSim>,
+    Path((tenant, group, member)): Path<(String, String, String)>,
+) -> Result<StatusCode, ControlError> {
+    sim.add_member(&tenant, &group, &member)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_member(
+    State(sim): State<GraphSim>,
+    Path((tenant, group, member)): Path<(String, String, String)>,
+) -> Result<StatusCode, ControlError> {
+    sim.remove_member(&tenant, &group, &member)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_permissions(
+    State(sim): State<GraphSim>,
+    Path(client_id): Path<String>,
+) -> Result<Response, ControlError> {
+    Ok(axum::Json(sim.app_permissions(&client_id)?).into_response())
+}
+
+async fn put_permissions(
+    State(sim): State<GraphSim>,
+    Path(client_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ControlError> {
+    let names: Vec<String> = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("expected a JSON array of permission names: {e}")))?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    sim.set_app_permissions(&client_id, &names)?;
+    Ok(axum::Json(sim.app_permissions(&client_id)?).into_response())
 }
 
 async fn subscriptions(

@@ -1,7 +1,8 @@
 //! A faithful Microsoft Graph simulator for the parts flagrelay uses: the client-credentials
-//! token endpoint, `GET /users/{id}`, subscriptions (with the real validation handshake) and
-//! change notifications, delivered with configurable delays, duplicates, drops, reordering,
-//! batching and retries.
+//! token endpoint (JWT-shaped tokens carrying the app's permissions), `GET /users/{id}`, a
+//! user's transitive group memberships, mailbox settings (`userPurpose`), subscriptions (with
+//! the real validation handshake) and change notifications, delivered with configurable
+//! delays, duplicates, drops, reordering, batching and retries.
 //!
 //! [`GraphSim`] is a cheap-to-clone handle. Tests and the demo drive it through its Rust API;
 //! `flagrelay sim` users drive it through the HTTP control API under `/_sim`. Both go through
@@ -10,6 +11,9 @@
 //! # Layout
 //! - `mod.rs` (this file): the handle, its state, the Rust control API and the server handle.
 //! - `api.rs`: the Graph-facing HTTP API: token endpoint, `/v1.0/users`, the request gate.
+//! - `permissions.rs`: application permissions per app, the tokens carrying them, the checks.
+//! - `groups.rs`: groups with nested members, `/v1.0/users/{id}/transitiveMemberOf`.
+//! - `mailbox.rs`: mailbox purpose per user, `/v1.0/users/{id}/mailboxSettings`.
 //! - `delivery.rs`: outbound calls to the subscriber: validation handshake and notification
 //!   delivery with the fault settings applied.
 //! - `subscriptions.rs`: `/v1.0/subscriptions`, including the validation handshake call.
@@ -22,6 +26,9 @@
 mod api;
 mod control;
 mod delivery;
+mod groups;
+mod mailbox;
+mod permissions;
 mod settings;
 mod subscriptions;
 #[cfg(test)]
@@ -44,6 +51,11 @@ use url::Url;
 use crate::graph::{GraphUser, Subscription};
 
 pub use delivery::{DeliveryOutcome, DeliveryRecord};
+pub use groups::SimGroup;
+pub use mailbox::USER_PURPOSES;
+pub use permissions::DEFAULT_PERMISSIONS;
+#[cfg(test)]
+pub(crate) use permissions::base64url;
 pub use settings::{GraphSimFaults, GraphSimSettings};
 
 /// The seed [`GraphSim::new`] uses, so that runs are reproducible unless asked otherwise.
@@ -60,6 +72,21 @@ pub enum SimError {
     UnknownSubscription {
         tenant_id: String,
         subscription_id: String,
+    },
+    #[error("unknown app registration {0}")]
+    UnknownApp(String),
+    #[error("unknown group {group_id} in tenant {tenant_id}")]
+    UnknownGroup { tenant_id: String, group_id: String },
+    #[error("no user or group {member_id} in tenant {tenant_id}")]
+    UnknownMember {
+        tenant_id: String,
+        member_id: String,
+    },
+    #[error("{member_id} is not a direct member of group {group_id} in tenant {tenant_id}")]
+    NotAMember {
+        tenant_id: String,
+        group_id: String,
+        member_id: String,
     },
     #[error("invalid input: {0}")]
     Invalid(String),
@@ -137,6 +164,8 @@ struct Inner {
 
 struct App {
     secret: SecretString,
+    /// Application permissions granted (in every tenant), copied into tokens as `roles`.
+    roles: Vec<String>,
 }
 
 struct Tenant {
@@ -145,15 +174,32 @@ struct Tenant {
     /// Keyed by lower-cased user id.
     users: BTreeMap<String, GraphUser>,
     subscriptions: BTreeMap<String, SimSubscription>,
-    /// Service principal id per app id: the `creatorId` of app-only subscriptions.
+    /// Service principal id per app id: the `creatorId` of app-only subscriptions and the
+    /// `oid` of the app's tokens.
     service_principals: HashMap<String, String>,
+    /// Keyed by lower-cased group id.
+    groups: BTreeMap<String, groups::GroupRecord>,
+    /// `userPurpose` per lower-cased user id; users not in here have no mailbox.
+    mailboxes: HashMap<String, String>,
     next_sequence: u64,
+}
+
+impl Tenant {
+    /// Forget a deleted user's memberships and mailbox (hard delete, as in Graph).
+    fn forget_user(&mut self, user_key: &str) {
+        for group in self.groups.values_mut() {
+            group.members.remove(user_key);
+        }
+        self.mailboxes.remove(user_key);
+    }
 }
 
 struct Grant {
     tenant_key: String,
     app_id: String,
     expires_at: Instant,
+    /// The app's permissions when the token was issued (Graph authorizes by the token).
+    roles: Vec<String>,
 }
 
 struct State {
@@ -237,14 +283,15 @@ impl GraphSim {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Register a multi-tenant app registration, valid in every tenant.
+    /// Register a multi-tenant app registration, valid in every tenant, granted
+    /// [`DEFAULT_PERMISSIONS`] (`User.Read.All`); see [`GraphSim::set_app_permissions`].
+    /// Adding an app again changes its secret and keeps its permissions.
     pub fn add_app(&self, client_id: &str, client_secret: &str) {
-        self.state().apps.insert(
-            client_id.to_ascii_lowercase(),
-            App {
-                secret: SecretString::from(client_secret),
-            },
-        );
+        self.state()
+            .apps
+            .entry(client_id.to_ascii_lowercase())
+            .and_modify(|app| app.secret = SecretString::from(client_secret))
+            .or_insert_with(|| App::with_default_permissions(client_secret));
     }
 
     /// Add a tenant (idempotent).
@@ -257,6 +304,8 @@ impl GraphSim {
                 users: BTreeMap::new(),
                 subscriptions: BTreeMap::new(),
                 service_principals: HashMap::new(),
+                groups: BTreeMap::new(),
+                mailboxes: HashMap::new(),
                 next_sequence: 1,
             });
     }
@@ -320,6 +369,11 @@ impl GraphSim {
         let mut st = self.state();
         let tenant = st.tenant_mut(tenant_id)?;
         let user_id = user.id.clone();
+        if tenant.groups.contains_key(&user_id.to_ascii_lowercase()) {
+            return Err(SimError::Invalid(format!(
+                "{user_id} is already a group's id (directory object ids are unique)"
+            )));
+        }
         tenant.users.insert(user_id.to_ascii_lowercase(), user);
         self.notify(&mut st, tenant_id, &user_id, Change::Updated);
         Ok(())
@@ -365,13 +419,15 @@ impl GraphSim {
     pub fn delete_user(&self, tenant_id: &str, user_id: &str) -> Result<(), SimError> {
         let mut st = self.state();
         let tenant = st.tenant_mut(tenant_id)?;
+        let key = user_id.to_ascii_lowercase();
         let removed = tenant
             .users
-            .remove(&user_id.to_ascii_lowercase())
+            .remove(&key)
             .ok_or_else(|| SimError::UnknownUser {
                 tenant_id: tenant_id.to_owned(),
                 user_id: user_id.to_owned(),
             })?;
+        tenant.forget_user(&key);
         self.notify(&mut st, tenant_id, &removed.id, Change::Deleted);
         Ok(())
     }

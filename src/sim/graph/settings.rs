@@ -50,7 +50,8 @@ pub struct GraphSimFaults {
     pub lowercase_resource: bool,
     /// Send a wrong `@odata.type` (seen in the field; receivers key on `resourceData.id`).
     pub wrong_odata_type: bool,
-    /// Added to every Graph API request (users, subscriptions; not the token endpoint).
+    /// Added to every Graph API request (users, groups, mailbox settings, subscriptions; not
+    /// the token endpoint).
     #[serde(with = "humantime_serde")]
     pub api_latency: Duration,
     /// The next N API requests get 429 with `Retry-After` (decremented as they are served).
@@ -124,6 +125,13 @@ pub struct GraphSimSettings {
     pub token_lifetime: Duration,
     /// Page size of `GET /subscriptions` (small values make `@odata.nextLink` testable).
     pub page_size: usize,
+    /// The most groups one `transitiveMemberOf` page holds whatever `$top` asks for
+    /// (Graph: 999; without `$top` a page holds 100). Small values make paging testable.
+    pub member_of_page_size: usize,
+    /// Issue opaque access tokens instead of JWT-shaped ones. Microsoft documents access
+    /// tokens as opaque to clients; this makes "cannot read the token" testable. Graph still
+    /// authorizes by the permissions the token was issued with.
+    pub opaque_tokens: bool,
     /// How long the subscriber has to answer a validation request (Graph: 10 s).
     pub handshake_timeout: Duration,
     /// Graph's quota for users subscriptions per app per tenant; over it creation gets 403.
@@ -135,6 +143,8 @@ impl Default for GraphSimSettings {
         Self {
             token_lifetime: Duration::from_secs(3599),
             page_size: 100,
+            member_of_page_size: 999,
+            opaque_tokens: false,
             handshake_timeout: Duration::from_secs(10),
             max_subscriptions_per_app_per_tenant: 100,
         }

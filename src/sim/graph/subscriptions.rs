@@ -2,6 +2,8 @@
 //! the real validation handshake against the subscriber), list (paged, only the caller's
 //! app, never `clientState`), get, renew (`PATCH`), delete and reauthorize.
 //!
+//! Every route needs `User.Read.All` (or a broader directory permission) in the token.
+//!
 //! Deliberate difference from Graph: `http://` notification URLs are accepted, so that
 //! local receivers work without TLS. Graph itself requires `https://`.
 
@@ -17,8 +19,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use url::Url;
 
-use super::api::{ApiError, Caller, api_base, gate, query_option};
+use super::api::{ApiError, Caller, api_base, gate_with, query_option};
 use super::delivery::{graph_time, handshake};
+use super::permissions::READ_USERS;
 use super::{GraphSim, SimSubscription, State as SimState};
 use crate::graph::Subscription;
 
@@ -219,7 +222,7 @@ async fn create_subscription(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let caller = match gate(&sim, &headers).await {
+    let caller = match gate_with(&sim, &headers, READ_USERS).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
@@ -338,7 +341,7 @@ async fn list_subscriptions(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match gate(&sim, &headers).await {
+    let caller = match gate_with(&sim, &headers, READ_USERS).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
@@ -409,7 +412,7 @@ async fn get_subscription(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match gate(&sim, &headers).await {
+    let caller = match gate_with(&sim, &headers, READ_USERS).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
@@ -426,7 +429,7 @@ async fn renew_subscription(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let caller = match gate(&sim, &headers).await {
+    let caller = match gate_with(&sim, &headers, READ_USERS).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
@@ -449,7 +452,7 @@ async fn delete_subscription(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match gate(&sim, &headers).await {
+    let caller = match gate_with(&sim, &headers, READ_USERS).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
@@ -470,7 +473,7 @@ async fn reauthorize(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match gate(&sim, &headers).await {
+    let caller = match gate_with(&sim, &headers, READ_USERS).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };

@@ -15,6 +15,9 @@ use url::Url;
 
 use super::*;
 
+/// Tokens and permissions, groups and mailboxes.
+mod directory;
+
 pub(crate) const TENANT: &str = "11111111-aaaa-4aaa-8aaa-111111111111";
 pub(crate) const APP: &str = "22222222-bbbb-4bbb-8bbb-222222222222";
 pub(crate) const SECRET: &str = "app-secret-value-xyz";

@@ -1,0 +1,123 @@
+//! Reading what the policy needs about one user — and nothing more: group membership,
+//! mailbox purpose, the leave date and the exemption list cost extra calls and permissions,
+//! so each is read only when [`Needs`] asks for it. Shared by the worker and `policy explain`.
+
+use chrono::{DateTime, Utc};
+
+use crate::graph::{GraphApi, GraphError, GraphUser, Group};
+use crate::policy::{Facts, Needs};
+use crate::proofpoint::{OrgAccess, PpError, PpUser, ProofpointApi};
+
+/// Everything read about one user for one evaluation.
+#[derive(Debug, Clone)]
+pub struct Gathered {
+    pub user: GraphUser,
+    /// The address Proofpoint knows the user by.
+    pub address: String,
+    pub proofpoint: PpUser,
+    pub groups: Option<Vec<Group>>,
+    /// `Some("")`: read, and the user has no mailbox.
+    pub mailbox_purpose: Option<String>,
+    /// On the sync-exemption list (`None`: not read).
+    pub exempt: Option<bool>,
+    /// Whether `employeeLeaveDateTime` was selected (else the policy treats it as unknown).
+    pub leave_date_fetched: bool,
+}
+
+/// Why there is nothing to evaluate, or the read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatherError {
+    #[error("Graph answers 404: the user is deleted")]
+    Deleted,
+    #[error("the user has no mail, SMTP proxy address or UPN with an @")]
+    NoAddress,
+    #[error("Proofpoint has no user {0}")]
+    UnknownToProofpoint(String),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Proofpoint(#[from] PpError),
+}
+
+/// Read the user from Graph and Proofpoint, plus what `needs` asks for. `exemption_added`
+/// forces reading the exemption list: an exemption flagrelay added must be found again even
+/// when today's policy no longer mentions exemptions, or it could never be removed.
+pub async fn gather(
+    graph: &dyn GraphApi,
+    proofpoint: &dyn ProofpointApi,
+    org: &OrgAccess,
+    tenant_id: &str,
+    user_id: &str,
+    needs: &Needs,
+    exemption_added: bool,
+) -> Result<Gathered, GatherError> {
+    let user = graph
+        .get_user(tenant_id, user_id, &needs.user_select())
+        .await?
+        .ok_or(GatherError::Deleted)?;
+    let address = user.proofpoint_address().ok_or(GatherError::NoAddress)?;
+    let pp_user = proofpoint
+        .get_user(org, &address)
+        .await?
+        .ok_or_else(|| GatherError::UnknownToProofpoint(address.clone()))?;
+    // Use the id Graph returned: the caller may have named the user by UPN.
+    let groups = if needs.groups {
+        graph.member_of(tenant_id, &user.id).await?
+    } else {
+        None
+    };
+    // No mailbox (404) is a fact of its own: "" (see `Facts::with_mailbox_purpose`).
+    let mailbox_purpose = if needs.mailbox_purpose {
+        Some(
+            graph
+                .mailbox_purpose(tenant_id, &user.id)
+                .await?
+                .unwrap_or_default(),
+        )
+    } else {
+        None
+    };
+    let exempt = if needs.exemptions || exemption_added {
+        Some(
+            proofpoint
+                .exemptions(org)
+                .await?
+                .iter()
+                .any(|e| e.eq_ignore_ascii_case(&address)),
+        )
+    } else {
+        None
+    };
+    Ok(Gathered {
+        user,
+        address,
+        proofpoint: pp_user,
+        groups,
+        mailbox_purpose,
+        exempt,
+        leave_date_fetched: needs.leave_date,
+    })
+}
+
+impl Gathered {
+    /// The policy's view of what was read.
+    pub fn facts(&self, disabled_since: Option<DateTime<Utc>>) -> Facts<'_> {
+        let mut facts = Facts::new(&self.user, &self.proofpoint);
+        if let Some(g) = self.groups.as_deref() {
+            facts = facts.with_groups(g);
+        }
+        if let Some(p) = self.mailbox_purpose.as_deref() {
+            facts = facts.with_mailbox_purpose(p);
+        }
+        if self.leave_date_fetched {
+            facts = facts.with_leave_date_fetched();
+        }
+        if let Some(e) = self.exempt {
+            facts = facts.with_exemption(e);
+        }
+        if let Some(since) = disabled_since {
+            facts = facts.with_disabled_since(since);
+        }
+        facts
+    }
+}
