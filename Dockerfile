@@ -40,7 +40,8 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 flagrelay \
     && useradd --system --uid 10001 --gid flagrelay --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin flagrelay \
-    && mkdir -p /etc/flagrelay
+    && mkdir -p /etc/flagrelay /var/lib/flagrelay \
+    && chown flagrelay:flagrelay /var/lib/flagrelay
 
 COPY --from=builder /out/flagrelay /usr/local/bin/flagrelay
 

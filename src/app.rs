@@ -186,6 +186,25 @@ impl App {
         let worker = self.worker()?;
         self.check_permissions().await;
         self.reload_on_sighup(shutdown.clone());
+        if let Some(addr) = self.config.worker.metrics_listen {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("invalid configuration value for `worker.metrics_listen`: cannot listen on {addr}")
+            })?;
+            let metrics = self.metrics.clone();
+            let router = axum::Router::new()
+                .route("/healthz", axum::routing::get(|| async { "ok" }))
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || async move { metrics.render() }),
+                );
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+            });
+            tracing::info!(%addr, "worker metrics listening");
+        }
         worker.run(shutdown).await.context("worker failed")
     }
 

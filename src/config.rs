@@ -361,6 +361,9 @@ pub struct WorkerConfig {
     /// How often a deactivation held by the tripped breaker is looked at again.
     #[serde(with = "humantime_serde")]
     pub breaker_recheck: Duration,
+    /// `flagrelay work` only: serve `/metrics` and `/healthz` here (the receiver serves its
+    /// own; `run` shares the receiver's).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -373,6 +376,7 @@ impl Default for WorkerConfig {
             dry_run: false,
             state_dir: PathBuf::from("flagrelay-state"),
             breaker_recheck: Duration::from_secs(120),
+            metrics_listen: None,
         }
     }
 }

@@ -8,23 +8,9 @@ use flagrelay::queue::{DeadLetter, Queue};
 use flagrelay::telemetry::Metrics;
 use secrecy::SecretString;
 
-use crate::support::{Backend, Options, TENANT, TestApp, eventually};
+use crate::support::{Backend, Options, TENANT, TestApp, eventually, processed};
 
 const CONVERGE: Duration = Duration::from_secs(15);
-
-/// Messages the worker has finished with (any outcome).
-fn processed(t: &TestApp) -> u64 {
-    let m = &t.app.metrics;
-    [
-        &m.outcomes_applied_total,
-        &m.outcomes_no_change_total,
-        &m.outcomes_skipped_total,
-        &m.outcomes_dead_lettered_total,
-    ]
-    .into_iter()
-    .map(Metrics::get)
-    .sum()
-}
 
 async fn dead_letters(queue: &dyn Queue, want: usize) -> Vec<DeadLetter> {
     let mut all = Vec::new();

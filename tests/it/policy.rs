@@ -6,7 +6,7 @@ use std::time::Duration;
 use flagrelay::message::{self, Message};
 use flagrelay::telemetry::Metrics;
 
-use crate::support::{Backend, Options, TENANT, TestApp, eventually};
+use crate::support::{Backend, Options, TENANT, TestApp, eventually, processed};
 
 const CONVERGE: Duration = Duration::from_secs(15);
 const EXAMPLE: &str = include_str!("../../examples/policy.toml");
@@ -21,19 +21,6 @@ fn example_without_breaker() -> String {
         "the example still has the breaker settings this test relaxes"
     );
     relaxed
-}
-
-fn processed(t: &TestApp) -> u64 {
-    let m = &t.app.metrics;
-    [
-        &m.outcomes_applied_total,
-        &m.outcomes_no_change_total,
-        &m.outcomes_skipped_total,
-        &m.outcomes_dead_lettered_total,
-    ]
-    .into_iter()
-    .map(Metrics::get)
-    .sum()
 }
 
 async fn start(name: &str, policy: String) -> TestApp {

@@ -250,6 +250,21 @@ impl Drop for TestApp {
     }
 }
 
+/// Messages the worker has finished with (any final outcome).
+pub fn processed(t: &TestApp) -> u64 {
+    use flagrelay::telemetry::Metrics;
+    let m = &t.app.metrics;
+    [
+        &m.outcomes_applied_total,
+        &m.outcomes_no_change_total,
+        &m.outcomes_skipped_total,
+        &m.outcomes_dead_lettered_total,
+    ]
+    .into_iter()
+    .map(Metrics::get)
+    .sum()
+}
+
 /// Poll `check` until it holds or `timeout` passes; returns whether it held.
 pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
