@@ -214,13 +214,38 @@ impl Default for ProofpointConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// One Entra tenant and the Proofpoint organization it maps to. The Proofpoint settings
+/// default to `[proofpoint]` (an MSP's partner admin usually reaches every org); set them
+/// here for an org on another stack or with its own admin.
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Entra tenant id (GUID).
     pub id: String,
     /// The Proofpoint Essentials organization's primary domain.
     pub org_domain: String,
+    #[serde(default)]
+    pub proofpoint_base_url: Option<Url>,
+    #[serde(default)]
+    pub proofpoint_username: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub proofpoint_password: Option<SecretString>,
+    #[serde(default)]
+    pub proofpoint_password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for TenantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantConfig")
+            .field("id", &self.id)
+            .field("org_domain", &self.org_domain)
+            .field(
+                "proofpoint_base_url",
+                &self.proofpoint_base_url.as_ref().map(Url::as_str),
+            )
+            .field("proofpoint_username", &self.proofpoint_username)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone, Deserialize, Serialize)]
@@ -512,7 +537,24 @@ impl Config {
             ));
         }
         let mut seen = std::collections::HashSet::new();
-        for (i, t) in self.tenants.iter().enumerate() {
+        for (i, t) in self.tenants.iter_mut().enumerate() {
+            if t.proofpoint_password.is_some() || t.proofpoint_password_file.is_some() {
+                let key = format!("tenants[{i}].proofpoint_password");
+                resolve_secret(
+                    &key,
+                    &mut t.proofpoint_password,
+                    &t.proofpoint_password_file,
+                )?;
+            }
+            if let Some(u) = &t.proofpoint_base_url {
+                require_http(&format!("tenants[{i}].proofpoint_base_url"), u)?;
+            }
+            if t.proofpoint_username.is_some() != t.proofpoint_password.is_some() {
+                return Err(invalid(
+                    format!("tenants[{i}].proofpoint_username"),
+                    "give both proofpoint_username and proofpoint_password (or neither, to use [proofpoint])",
+                ));
+            }
             if t.id.trim().is_empty() {
                 return Err(invalid(format!("tenants[{i}].id"), "must not be empty"));
             }
@@ -599,12 +641,18 @@ impl Config {
     pub fn org_access(&self, tenant: &TenantConfig) -> OrgAccess {
         OrgAccess {
             domain: tenant.org_domain.clone(),
-            base_url: self.proofpoint.base_url.clone(),
-            username: self.proofpoint.username.clone(),
-            password: self
-                .proofpoint
-                .password
+            base_url: tenant
+                .proofpoint_base_url
                 .clone()
+                .unwrap_or_else(|| self.proofpoint.base_url.clone()),
+            username: tenant
+                .proofpoint_username
+                .clone()
+                .unwrap_or_else(|| self.proofpoint.username.clone()),
+            password: tenant
+                .proofpoint_password
+                .clone()
+                .or_else(|| self.proofpoint.password.clone())
                 .expect("resolved by Config::validate"),
         }
     }

@@ -141,11 +141,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     );
 
     // 4. Subscribe: the Graph simulator performs the validation handshake against our receiver.
-    let sub = sandbox.subscribe(graph.as_ref(), &receiver_url).await?;
-    println!(
-        "  subscribed:  {} (handshake answered by flagrelay)\n",
-        sub.id
-    );
+    for sub in sandbox.subscribe(graph.as_ref(), &receiver_url).await? {
+        println!(
+            "  subscribed:  {} (handshake answered by flagrelay)\n",
+            sub.id
+        );
+    }
 
     // 5. Flip: block some users, then unblock a few of them again.
     let mut order: Vec<String> = people.keys().cloned().collect();

@@ -44,6 +44,8 @@ pub struct Sandbox {
 pub struct SeededUser {
     pub id: String,
     pub address: String,
+    pub tenant_id: String,
+    pub org: String,
 }
 
 impl Sandbox {
@@ -79,6 +81,7 @@ impl Sandbox {
         config.tenants = vec![TenantConfig {
             id: tenant_id.into(),
             org_domain: org.into(),
+            ..TenantConfig::default()
         }];
         let dir = std::env::temp_dir().join(format!(
             "flagrelay-sandbox-{}",
@@ -102,9 +105,35 @@ impl Sandbox {
     /// Create `name@org` in Proofpoint (active, of `pp_type`) and then in Graph (with the
     /// given sign-in state). A stable id is derived from the name.
     pub fn seed_user(&self, name: &str, account_enabled: bool, pp_type: &str) -> SeededUser {
-        let address = format!("{name}@{}", self.org);
+        self.seed_user_in(&self.tenant_id, &self.org, name, account_enabled, pp_type)
+    }
+
+    /// Another tenant mapped to another org (an MSP's second customer), in both simulators
+    /// and the configuration; the partner admin reaches it too.
+    pub fn add_tenant(&mut self, tenant_id: &str, org: &str) -> anyhow::Result<()> {
+        self.graph.add_tenant(tenant_id);
+        self.proofpoint.add_org(org);
+        self.config.tenants.push(TenantConfig {
+            id: tenant_id.into(),
+            org_domain: org.into(),
+            ..TenantConfig::default()
+        });
+        self.config.validate()?;
+        Ok(())
+    }
+
+    /// [`Sandbox::seed_user`] in a tenant added with [`Sandbox::add_tenant`].
+    pub fn seed_user_in(
+        &self,
+        tenant_id: &str,
+        org: &str,
+        name: &str,
+        account_enabled: bool,
+        pp_type: &str,
+    ) -> SeededUser {
+        let address = format!("{name}@{org}");
         let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, address.as_bytes()).to_string();
-        let seeded = self.proofpoint.upsert_user(&self.org, PpUser {
+        let seeded = self.proofpoint.upsert_user(org, PpUser {
             primary_email: address.clone(),
             user_type: Some(pp_type.into()),
             is_active: true,
@@ -115,7 +144,7 @@ impl Sandbox {
         });
         seeded.expect("the sandbox org exists and the user is well-formed");
         let created = self.graph.upsert_user(
-            &self.tenant_id,
+            tenant_id,
             GraphUser {
                 id: id.clone(),
                 account_enabled: Some(account_enabled),
@@ -127,13 +156,18 @@ impl Sandbox {
             },
         );
         created.expect("the sandbox tenant exists");
-        SeededUser { id, address }
+        SeededUser {
+            id,
+            address,
+            tenant_id: tenant_id.into(),
+            org: org.into(),
+        }
     }
 
     /// Mark a seeded user as a leaver (leave date in the past).
     pub fn make_leaver(&self, user: &SeededUser, days_ago: i64) {
         self.graph
-            .update_user(&self.tenant_id, &user.id, |u| {
+            .update_user(&user.tenant_id, &user.id, |u| {
                 u.employee_leave_date_time = Some(Utc::now() - chrono::Duration::days(days_ago));
             })
             .expect("the user was seeded");
@@ -143,7 +177,7 @@ impl Sandbox {
     /// notified as Graph would.
     pub fn set_enabled(&self, user: &SeededUser, enabled: bool) {
         self.graph
-            .set_account_enabled(&self.tenant_id, &user.id, enabled)
+            .set_account_enabled(&user.tenant_id, &user.id, enabled)
             .expect("the user was seeded");
     }
 
@@ -158,30 +192,30 @@ impl Sandbox {
     /// Whether Proofpoint has the user with `is_active == active` right now.
     pub fn is_active(&self, user: &SeededUser) -> Option<bool> {
         self.proofpoint
-            .user(&self.org, &user.address)
+            .user(&user.org, &user.address)
             .map(|u| u.is_active)
     }
 
-    /// Subscribe the receiver at `receiver_url` to the tenant's users, through the simulated
-    /// validation handshake.
+    /// Subscribe the receiver at `receiver_url` to every configured tenant's users, through
+    /// the simulated validation handshake.
     pub async fn subscribe(
         &self,
         graph: &dyn GraphApi,
         receiver_url: &str,
-    ) -> Result<Subscription, GraphError> {
-        graph
-            .create_subscription(
-                &self.tenant_id,
-                &NewSubscription {
-                    change_type: "updated,deleted".into(),
-                    notification_url: format!("{receiver_url}/graph/notifications"),
-                    lifecycle_notification_url: Some(format!("{receiver_url}/graph/lifecycle")),
-                    resource: "users".into(),
-                    expiration_date_time: Utc::now() + chrono::Duration::minutes(41_000),
-                    client_state: self.config.graph.client_state().expose_secret().to_owned(),
-                },
-            )
-            .await
+    ) -> Result<Vec<Subscription>, GraphError> {
+        let mut subs = Vec::new();
+        for tenant in &self.config.tenants {
+            let sub = NewSubscription {
+                change_type: "updated,deleted".into(),
+                notification_url: format!("{receiver_url}/graph/notifications"),
+                lifecycle_notification_url: Some(format!("{receiver_url}/graph/lifecycle")),
+                resource: "users".into(),
+                expiration_date_time: Utc::now() + chrono::Duration::minutes(41_000),
+                client_state: self.config.graph.client_state().expose_secret().to_owned(),
+            };
+            subs.push(graph.create_subscription(&tenant.id, &sub).await?);
+        }
+        Ok(subs)
     }
 }
 

@@ -8,7 +8,7 @@ use flagrelay::queue::{DeadLetter, Queue};
 use flagrelay::telemetry::Metrics;
 use secrecy::SecretString;
 
-use crate::support::{Backend, Options, TENANT, TestApp, eventually, processed};
+use crate::support::{Backend, ORG_B, Options, TENANT, TENANT_B, TestApp, eventually, processed};
 
 const CONVERGE: Duration = Duration::from_secs(15);
 
@@ -261,5 +261,47 @@ async fn deleted_unknown_and_protected_users_are_left_alone() {
     assert_eq!(t.sandbox.is_active(&functional), Some(true));
     assert_eq!(t.sandbox.is_active(&gone), Some(true));
     assert_eq!(Metrics::get(&t.app.metrics.outcomes_applied_total), 0);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn two_tenants_with_two_orgs_are_kept_apart() {
+    let t = TestApp::start(
+        "tenants",
+        Options {
+            second_tenant: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let alice = t.sandbox.seed_user("alice", true, "end_user");
+    let bob = t
+        .sandbox
+        .seed_user_in(TENANT_B, ORG_B, "bob", true, "end_user");
+    // The same mailbox name exists in both orgs.
+    let alice_b = t
+        .sandbox
+        .seed_user_in(TENANT_B, ORG_B, "alice", true, "end_user");
+    assert!(eventually(CONVERGE, || processed(&t) >= 3).await);
+    t.sandbox.set_enabled(&bob, false);
+    t.sandbox.set_enabled(&alice_b, false);
+    assert!(
+        eventually(CONVERGE, || t.sandbox.is_active(&bob) == Some(false)).await,
+        "tenant B's change reached org B"
+    );
+    assert!(eventually(CONVERGE, || t.sandbox.is_active(&alice_b) == Some(false)).await);
+    assert_eq!(
+        t.sandbox.is_active(&alice),
+        Some(true),
+        "org A's alice untouched by tenant B's alice"
+    );
+    let org_a_writes = t
+        .sandbox
+        .proofpoint
+        .writes()
+        .iter()
+        .filter(|w| w.domain == t.sandbox.org && w.method == "PUT")
+        .count();
+    assert_eq!(org_a_writes, 0, "nothing was written to org A");
     t.stop().await;
 }

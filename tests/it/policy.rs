@@ -362,3 +362,54 @@ fn policy_check_accepts_every_shipped_example_and_explain_shows_rules_and_writes
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn explain_reads_the_live_user_and_reports_missing_permissions() {
+    let opts = Options {
+        policy: Some(example_without_breaker()),
+        worker: false,
+        subscribe: false,
+        ..Options::default()
+    };
+    let t = TestApp::start("explain", opts).await;
+    let room = t.sandbox.seed_user("room7", false, "end_user");
+    t.sandbox
+        .graph
+        .set_mailbox_purpose(TENANT, &room.id, Some("room"))
+        .unwrap();
+    let policy = t.app.policy.current();
+
+    // By UPN, as an admin would type it.
+    let text =
+        flagrelay::explain::explain_live(&t.app.config, policy.as_ref(), &room.address, None)
+            .await
+            .unwrap();
+    assert!(text.contains("shared-mailboxes"), "{text}");
+    assert!(text.contains("keep_mail_flowing"), "{text}");
+    assert!(
+        text.contains(&format!("exemptions   add {}", room.address)),
+        "{text}"
+    );
+    assert_eq!(
+        t.sandbox.is_active(&room),
+        Some(true),
+        "explain writes nothing"
+    );
+
+    // The admin forgot to consent MailboxSettings.Read.
+    t.sandbox
+        .graph
+        .set_app_permissions(
+            &t.app.config.graph.client_id,
+            &["User.Read.All", "GroupMember.Read.All"],
+        )
+        .unwrap();
+    let err = format!(
+        "{:#}",
+        flagrelay::explain::explain_live(&t.app.config, policy.as_ref(), &room.id, None)
+            .await
+            .unwrap_err()
+    );
+    assert!(err.contains("lacks MailboxSettings.Read"), "{err}");
+    t.stop().await;
+}

@@ -60,6 +60,9 @@ use tokio_util::sync::CancellationToken;
 
 pub const TENANT: &str = "11111111-2222-3333-4444-555555555555";
 pub const ORG: &str = "contoso.test";
+/// A second customer of the same MSP deployment.
+pub const TENANT_B: &str = "bbbbbbbb-2222-3333-4444-555555555555";
+pub const ORG_B: &str = "fabrikam.test";
 
 /// Which queue a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +130,8 @@ pub struct Options {
     pub worker: bool,
     /// Policy file contents (`None`: the built-in mirror policy).
     pub policy: Option<String>,
+    /// Also serve [`TENANT_B`] → [`ORG_B`].
+    pub second_tenant: bool,
 }
 
 /// Mirror `accountEnabled`, with the breaker opened wide: for tests that deactivate most of
@@ -155,6 +160,7 @@ impl Default for Options {
             subscribe: true,
             worker: true,
             policy: Some(MIRROR_NO_BREAKER.to_owned()),
+            second_tenant: false,
         }
     }
 }
@@ -177,6 +183,9 @@ impl TestApp {
         let mut sandbox = Sandbox::start(TENANT, ORG).await.expect("sandbox starts");
         if let Some(policy) = &opts.policy {
             sandbox.use_policy(policy).expect("policy file written");
+        }
+        if opts.second_tenant {
+            sandbox.add_tenant(TENANT_B, ORG_B).expect("second tenant");
         }
         let mut config = sandbox.config.clone();
         config.worker.max_attempts = opts.max_attempts;
