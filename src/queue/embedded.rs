@@ -213,6 +213,11 @@ impl Queue for EmbeddedQueue {
     fn durable(&self) -> bool {
         false
     }
+
+    /// One process, one leader.
+    fn leader_lease(&self, _shutdown: CancellationToken) -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::channel(true).1
+    }
 }
 
 /// The consumer task: waits to be the active consumer, then hands out messages until stopped.

@@ -225,6 +225,11 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
 
     /// True when messages survive a restart of the process (false for the embedded backend).
     fn durable(&self) -> bool;
+
+    /// Take part in leader election until `shutdown`: the receiver is `true` while this
+    /// process holds the lease (exactly one process across the deployment does, with
+    /// failover when it dies). See `rabbitmq/lease.rs`.
+    fn leader_lease(&self, shutdown: CancellationToken) -> tokio::sync::watch::Receiver<bool>;
 }
 
 /// Longest [`LAST_ERROR_HEADER`] value, in bytes: errors can quote whole API responses.

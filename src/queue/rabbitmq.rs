@@ -12,6 +12,7 @@
 //! publishes or consumes; the URL's password is never logged.
 
 mod consumer;
+mod lease;
 mod link;
 mod topology;
 
@@ -183,6 +184,10 @@ impl Queue for RabbitQueue {
 
     fn durable(&self) -> bool {
         true
+    }
+
+    fn leader_lease(&self, shutdown: CancellationToken) -> tokio::sync::watch::Receiver<bool> {
+        lease::start(self.cfg.clone(), shutdown)
     }
 }
 

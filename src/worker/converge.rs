@@ -18,6 +18,8 @@ use crate::policy::Verdict;
 use crate::proofpoint::{OrgAccess, PpError};
 use crate::state::UserState;
 
+/// Clock difference tolerated between the receiver's and the worker's hosts when coalescing.
+const CLOCK_MARGIN: chrono::Duration = chrono::Duration::seconds(2);
 /// How long the org's user count (the breaker's denominator) is cached.
 const ORG_SIZE_TTL: Duration = Duration::from_secs(600);
 
@@ -30,6 +32,52 @@ impl Worker {
             };
         };
         let now = Utc::now();
+        let key = format!(
+            "{}/{}",
+            m.tenant_id.to_ascii_lowercase(),
+            m.user_id.to_ascii_lowercase()
+        );
+        if m.origin != Origin::Recheck && self.evaluated_since(&key, m.received_at) {
+            return skipped(
+                "coalesced",
+                "an evaluation that started after this message arrived already converged the user",
+                Detail::default(),
+            );
+        }
+        let outcome = self.evaluate(m, org, now).await;
+        if matches!(
+            outcome,
+            Outcome::Applied { .. } | Outcome::NoChange { .. } | Outcome::Skipped { .. }
+        ) {
+            self.mark_evaluated(key, now);
+        }
+        outcome
+    }
+
+    /// Whether an evaluation started clearly after `received_at` (by more than
+    /// [`CLOCK_MARGIN`], as receiver and worker may run on different hosts' clocks).
+    fn evaluated_since(&self, key: &str, received_at: DateTime<Utc>) -> bool {
+        let map = self
+            .evaluated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(key)
+            .is_some_and(|started| *started > received_at + CLOCK_MARGIN)
+    }
+
+    fn mark_evaluated(&self, key: String, started: DateTime<Utc>) {
+        let mut map = self
+            .evaluated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() > 100_000 {
+            let horizon = started - chrono::Duration::hours(1);
+            map.retain(|_, t| *t > horizon);
+        }
+        map.insert(key, started);
+    }
+
+    async fn evaluate(&self, m: &UserChanged, org: &OrgAccess, now: DateTime<Utc>) -> Outcome {
         let mut state = match self.deps.state.user(&m.tenant_id, &m.user_id) {
             Ok(s) => s,
             Err(e) => {

@@ -69,6 +69,10 @@ pub struct Worker {
     locks: KeyedLocks,
     /// Counts this process's deactivations; its trip is persisted in the state store.
     breaker: Mutex<Breaker>,
+    /// Shard key → start of the last completed evaluation: a message received before it is
+    /// already reflected in Proofpoint (coalescing duplicates, late notifications and delta
+    /// hits for the same change).
+    evaluated: StdMutex<HashMap<String, chrono::DateTime<Utc>>>,
     /// Org domain → (when counted, users): the breaker's share denominator.
     org_sizes: Mutex<HashMap<String, (std::time::Instant, usize)>>,
 }
@@ -96,6 +100,7 @@ impl Worker {
         Arc::new(Self {
             breaker: Mutex::new(breaker),
             org_sizes: Mutex::new(HashMap::new()),
+            evaluated: StdMutex::new(HashMap::new()),
             deps,
             settings,
             verifier,

@@ -305,3 +305,48 @@ async fn two_tenants_with_two_orgs_are_kept_apart() {
     assert_eq!(org_a_writes, 0, "nothing was written to org A");
     t.stop().await;
 }
+
+#[tokio::test]
+async fn queued_messages_for_one_user_are_coalesced_into_one_evaluation() {
+    let t = TestApp::start(
+        "coalesce",
+        Options {
+            worker: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let u = t.sandbox.seed_user("busy", true, "end_user");
+    for enabled in [false, true, false, true, false] {
+        t.sandbox.set_enabled(&u, enabled);
+    }
+    assert!(
+        t.sandbox.graph.settle(Duration::from_secs(10)).await,
+        "six notifications queued"
+    );
+    // Older than the clock margin by the time the worker starts.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(t.app.worker().unwrap().run(stop.clone()));
+    assert!(eventually(CONVERGE, || processed(&t) >= 6).await);
+    assert_eq!(
+        t.sandbox.is_active(&u),
+        Some(false),
+        "converged to the final state"
+    );
+    let reads = t
+        .sandbox
+        .proofpoint
+        .request_log()
+        .iter()
+        .filter(|r| r.method == "GET" && r.email.as_deref() == Some(u.address.as_str()))
+        .count();
+    assert_eq!(
+        reads, 1,
+        "one evaluation read Proofpoint; the other five were coalesced"
+    );
+    assert_eq!(Metrics::get(&t.app.metrics.outcomes_skipped_total), 5);
+    stop.cancel();
+    let _ = worker.await;
+    t.stop().await;
+}

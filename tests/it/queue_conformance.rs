@@ -781,3 +781,39 @@ mod rabbit_only {
         drop(proxy);
     }
 }
+
+/// Exactly one of two processes leads; when the leader goes away the other takes over.
+#[tokio::test]
+async fn rabbit_leader_lease_fails_over() {
+    support::require_broker().await;
+    let settings = support::test_queue_settings("lease");
+    let a = RabbitQueue::new(support::amqp_secret(), settings.clone());
+    let b = RabbitQueue::new(support::amqp_secret(), settings);
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let mut lead_a = a.leader_lease(stop_a.clone());
+    let within = Duration::from_secs(20);
+    tokio::time::timeout(within, lead_a.wait_for(|l| *l))
+        .await
+        .expect("a leads")
+        .unwrap();
+    let lead_b = b.leader_lease(stop_b.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(*lead_a.borrow() && !*lead_b.borrow(), "exactly one leader");
+
+    stop_a.cancel();
+    let mut lead_b = lead_b;
+    tokio::time::timeout(within, lead_b.wait_for(|l| *l))
+        .await
+        .expect("b takes over")
+        .unwrap();
+    assert!(!*lead_a.borrow(), "a stepped down");
+    stop_b.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.delete_topology().await.unwrap();
+}
+
+#[tokio::test]
+async fn embedded_always_leads() {
+    let q = EmbeddedQueue::new(support::test_queue_settings("lease-embedded"));
+    assert!(*q.leader_lease(CancellationToken::new()).borrow());
+}

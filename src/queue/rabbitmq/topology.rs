@@ -92,6 +92,11 @@ impl Topology {
         format!("{}.dead-letter", self.prefix)
     }
 
+    /// The leader lease (see `lease.rs`); declared by the lease itself, not with the rest.
+    pub(super) fn leader_queue(&self) -> String {
+        format!("{}.leader", self.prefix)
+    }
+
     pub(super) fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
     }
@@ -237,6 +242,7 @@ impl Topology {
         let mut queues = vec![self.dead_queue()];
         queues.extend((0..self.shards).map(|s| self.shard_queue(s)));
         queues.extend(self.tiers_ms.iter().map(|t| self.retry_queue(*t)));
+        queues.push(self.leader_queue());
         for queue in queues {
             let delete = ch.queue_delete(short(&queue)?, QueueDeleteOptions::default());
             declaring(limit, &queue, delete).await?;
