@@ -205,7 +205,40 @@ impl App {
             });
             tracing::info!(%addr, "worker metrics listening");
         }
+        self.lead(shutdown.clone());
         worker.run(shutdown).await.context("worker failed")
+    }
+
+    /// Take part in leader election; while leading, manage subscriptions and poll delta.
+    pub fn lead(&self, shutdown: CancellationToken) {
+        let lease = self.queue.leader_lease(shutdown.clone());
+        let reconciler = crate::reconciler::Reconciler {
+            graph: self.graph.clone(),
+            queue: self.queue.clone(),
+            signer: self.config.signing.signer(),
+            state: match StateStore::open(&self.config.worker.state_dir) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "no state directory: the delta backstop is not running");
+                    return;
+                }
+            },
+            tenants: self.config.tenants.clone(),
+            select: self.policy.current().needs().user_select(),
+            interval: self.config.leader.delta_interval,
+        };
+        tokio::spawn(reconciler.run(lease.clone(), shutdown.clone()));
+        let app = self.clone();
+        tokio::spawn(async move {
+            let manager = crate::subscriptions::SubscriptionManager {
+                graph: app.graph.as_ref(),
+                config: &app.config,
+                renew_before: app.config.leader.subscription_renew_before,
+            };
+            manager
+                .run(app.config.leader.subscription_check_every, lease, shutdown)
+                .await;
+        });
     }
 
     /// Receiver and worker in one process.
@@ -217,6 +250,7 @@ impl App {
         let worker = self.worker()?;
         self.check_permissions().await;
         self.reload_on_sighup(shutdown.clone());
+        self.lead(shutdown.clone());
         let (served, worked) = tokio::join!(
             self.serve(listener, shutdown.clone()),
             worker.run(shutdown.clone())

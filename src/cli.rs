@@ -59,6 +59,33 @@ pub enum Command {
     /// Inspect or release the blast-radius breaker (it holds deactivations once tripped).
     #[command(subcommand)]
     Breaker(BreakerCommand),
+    /// Manage the Graph subscriptions (the leader also does this by itself).
+    #[command(subcommand)]
+    Subscriptions(SubscriptionsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionsCommand {
+    /// Create, adopt or renew each tenant's subscription (needs receiver.public_url).
+    Ensure {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Show id, tenant, resource, expiry and time left of this app's subscriptions.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Extend each tenant's subscription to the maximum lifetime now.
+    Renew {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Delete this deployment's subscription (notifications stop; delta polling goes on).
+    Delete {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +202,13 @@ async fn dispatch(cli: Cli) -> ExitCode {
             });
             return policy_command(cmd, cli.config.as_deref()).await;
         }
+        Command::Subscriptions(cmd) => match load(cli.config.as_deref()) {
+            Ok(cfg) => {
+                telemetry::init(&cfg.log);
+                subscriptions_command(cmd, &cfg).await
+            }
+            Err(code) => return code,
+        },
         Command::Breaker(cmd) => match load(cli.config.as_deref()) {
             Ok(cfg) => breaker_command(cmd, &cfg),
             Err(code) => return code,
@@ -316,6 +350,86 @@ fn breaker_command(cmd: BreakerCommand, cfg: &Config) -> anyhow::Result<()> {
                 t.at
             ),
         },
+    }
+    Ok(())
+}
+
+async fn subscriptions_command(cmd: SubscriptionsCommand, cfg: &Config) -> anyhow::Result<()> {
+    use crate::graph::GraphApi as _;
+    use crate::subscriptions::{MAX_LIFETIME, SubscriptionManager};
+    let graph = crate::graph::client::GraphClient::new(&cfg.graph)?;
+    let manager = SubscriptionManager {
+        graph: &graph,
+        config: cfg,
+        renew_before: cfg.leader.subscription_renew_before,
+    };
+    let (SubscriptionsCommand::Ensure { tenant }
+    | SubscriptionsCommand::List { tenant }
+    | SubscriptionsCommand::Renew { tenant }
+    | SubscriptionsCommand::Delete { tenant }) = &cmd;
+    let tenants: Vec<_> = cfg
+        .tenants
+        .iter()
+        .filter(|t| {
+            tenant
+                .as_deref()
+                .is_none_or(|x| t.id.eq_ignore_ascii_case(x))
+        })
+        .collect();
+    anyhow::ensure!(!tenants.is_empty(), "no configured tenant matches");
+    let now = chrono::Utc::now();
+    if matches!(cmd, SubscriptionsCommand::List { .. }) {
+        println!(
+            "{:<38} {:<38} {:<10} {:<22} time left",
+            "id", "tenant", "resource", "expires"
+        );
+    }
+    for t in tenants {
+        match &cmd {
+            SubscriptionsCommand::Ensure { .. } => {
+                let (how, s) = manager.ensure(&t.id, now).await?;
+                println!(
+                    "{}: {how:?} {} (expires {})",
+                    t.id, s.id, s.expiration_date_time
+                );
+            }
+            SubscriptionsCommand::List { .. } => {
+                for s in graph.list_subscriptions(&t.id).await? {
+                    let left = s.expiration_date_time - now;
+                    println!(
+                        "{:<38} {:<38} {:<10} {:<22} {}d {}h",
+                        s.id,
+                        t.id,
+                        s.resource,
+                        s.expiration_date_time.format("%Y-%m-%d %H:%M UTC"),
+                        left.num_days(),
+                        left.num_hours() % 24
+                    );
+                }
+            }
+            SubscriptionsCommand::Renew { .. } => match manager.find(&t.id).await? {
+                Some(s) => {
+                    let r = graph
+                        .renew_subscription(&t.id, &s.id, now + MAX_LIFETIME)
+                        .await?;
+                    println!(
+                        "{}: renewed {} until {}",
+                        t.id, r.id, r.expiration_date_time
+                    );
+                }
+                None => println!(
+                    "{}: no subscription of this deployment; run `subscriptions ensure`",
+                    t.id
+                ),
+            },
+            SubscriptionsCommand::Delete { .. } => match manager.find(&t.id).await? {
+                Some(s) => {
+                    graph.delete_subscription(&t.id, &s.id).await?;
+                    println!("{}: deleted {}", t.id, s.id);
+                }
+                None => println!("{}: nothing to delete", t.id),
+            },
+        }
     }
     Ok(())
 }

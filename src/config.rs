@@ -24,6 +24,7 @@ use crate::queue::QueueSettings;
 /// `FLAGRELAY_CONFIG` or test variables do not trip the unknown-key check).
 const SECTIONS: &[&str] = &[
     "policy",
+    "leader",
     "receiver",
     "graph",
     "proofpoint",
@@ -67,7 +68,34 @@ pub struct Config {
     pub signing: SigningConfig,
     pub worker: WorkerConfig,
     pub policy: PolicyConfig,
+    pub leader: LeaderConfig,
     pub log: LogConfig,
+}
+
+/// What the leader (one process of the deployment, elected through RabbitMQ) does.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaderConfig {
+    /// Delta-query poll interval: the bound on how late a change with a lost notification
+    /// reaches Proofpoint (plus processing time).
+    #[serde(with = "humantime_serde")]
+    pub delta_interval: Duration,
+    /// How often subscriptions are checked (created, adopted, renewed).
+    #[serde(with = "humantime_serde")]
+    pub subscription_check_every: Duration,
+    /// Renew a subscription when less than this is left (Graph's maximum is ~29 days).
+    #[serde(with = "humantime_serde")]
+    pub subscription_renew_before: Duration,
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        Self {
+            delta_interval: Duration::from_secs(30),
+            subscription_check_every: Duration::from_secs(3600),
+            subscription_renew_before: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -619,6 +647,12 @@ impl Config {
             return Err(invalid(
                 "policy.file",
                 format!("{} is not a readable file", path.display()),
+            ));
+        }
+        if self.leader.delta_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "leader.delta_interval",
+                "must be at least 1s (Graph throttles)",
             ));
         }
         if self.worker.state_dir.as_os_str().is_empty() {

@@ -15,6 +15,8 @@
 //! - [`queue`]: the [`queue::Queue`] trait, with a RabbitMQ backend and an embedded in-process
 //!   backend that pass the same conformance tests.
 //! - [`receiver`]: the axum webhook endpoint; validates, signs and publishes, nothing else.
+//! - [`reconciler`]: the delta-query backstop run by the leader.
+//! - [`subscriptions`]: the Graph subscription manager run by the leader.
 //! - [`worker`]: consumes, reads Graph and Proofpoint, applies the policy's decision, and maps
 //!   each processing outcome to ack / retry / dead-letter in one function.
 //! - [`policy`]: pure decision logic (no IO, no clock): rules, guards, grace, the breaker.
@@ -38,8 +40,10 @@ pub mod policy;
 pub mod proofpoint;
 pub mod queue;
 pub mod receiver;
+pub mod reconciler;
 pub mod shutdown;
 pub mod sim;
 pub mod state;
+pub mod subscriptions;
 pub mod telemetry;
 pub mod worker;

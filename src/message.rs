@@ -41,6 +41,10 @@ pub enum Origin {
     Manual,
     /// flagrelay scheduled a re-evaluation (end of a grace period, a date passing).
     Recheck,
+    /// The delta-query backstop saw the user change.
+    Delta,
+    /// The drift sweep found Proofpoint differing from the policy's decision.
+    Sweep,
 }
 
 /// "Something about this user changed; go and look." Deliberately carries no user state.

@@ -54,6 +54,17 @@ pub struct BreakerFile {
     pub released_at: Option<DateTime<Utc>>,
 }
 
+/// A tenant's delta-query position.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct DeltaFile {
+    #[serde(default)]
+    tenant_id: Option<String>,
+    #[serde(default)]
+    delta_link: Option<String>,
+    #[serde(default)]
+    saved_at: Option<DateTime<Utc>>,
+}
+
 /// A directory of state files.
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -109,6 +120,25 @@ impl StateStore {
             };
         }
         write_atomic(&path, state)
+    }
+
+    fn delta_path(&self, tenant_id: &str) -> PathBuf {
+        let key = hex::encode(Sha256::digest(tenant_id.to_ascii_lowercase()));
+        self.dir.join("delta").join(format!("{}.json", &key[..32]))
+    }
+
+    /// The stored `deltaLink` of a tenant (`None`: never synced).
+    pub fn delta_link(&self, tenant_id: &str) -> Result<Option<String>, StateError> {
+        Ok(read::<DeltaFile>(&self.delta_path(tenant_id))?.delta_link)
+    }
+
+    pub fn put_delta_link(&self, tenant_id: &str, link: &str) -> Result<(), StateError> {
+        let file = DeltaFile {
+            tenant_id: Some(tenant_id.to_owned()),
+            delta_link: Some(link.to_owned()),
+            saved_at: Some(Utc::now()),
+        };
+        write_atomic(&self.delta_path(tenant_id), &file)
     }
 
     pub fn breaker(&self) -> Result<BreakerFile, StateError> {

@@ -7,7 +7,13 @@
 //! worker's queue retry does that, honouring [`GraphError::retry_after`].
 //!
 //! All status handling is in `into_result`; nothing else looks at status codes except to
-//! read `404` as "no such user" (or, for mailbox settings, "no mailbox").
+//! read `404` as "no such user" (or, for mailbox settings, "no mailbox"; for deleting a
+//! subscription, "already deleted").
+//!
+//! Delta links and next links are followed only on the configured API origin
+//! ([`super::paging::same_origin`]). Delta requests are classified as their own endpoint so
+//! that `410 Gone` and the `syncStateNotFound`/`resyncRequired` error codes become
+//! [`GraphError::DeltaTokenExpired`] there and nowhere else.
 //!
 //! [`GraphApi::granted_permissions`] reads the `roles` claim of our own access token. The
 //! token is not verified: it came from Entra over TLS and is only read to report
@@ -27,11 +33,14 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
-use super::{GraphApi, GraphError, GraphUser, Group, NewSubscription, Subscription};
+use super::paging::{self, DeltaWire, Page};
+/// Re-exported for the simulator's tests, which read the tokens it mints.
+#[cfg(test)]
+pub(crate) use super::token::base64url_decode;
+use super::token::{TokenAnswer, refresh_margin, roles_in_token};
+use super::{DeltaPage, GraphApi, GraphError, GraphUser, Group, NewSubscription, Subscription};
 use crate::config::GraphConfig;
 
-/// Refresh a cached token this long before it expires (at most; see [`refresh_margin`]).
-const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// `POST /subscriptions` waits for Graph's validation handshake (up to 10 s) to complete,
 /// so it gets at least this much time whatever the configured request timeout.
 const CREATE_SUBSCRIPTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -130,11 +139,6 @@ pub fn scope_for(api_url: &Url) -> String {
     format!("{}/.default", api_url.origin().ascii_serialization())
 }
 
-/// How long before expiry a token is refreshed: 5 minutes, or a tenth of its lifetime.
-fn refresh_margin(lifetime: Duration) -> Duration {
-    REFRESH_MARGIN.min(lifetime / 10)
-}
-
 impl GraphClient {
     /// Build from the validated configuration.
     pub fn new(cfg: &GraphConfig) -> Result<Self, GraphClientError> {
@@ -187,13 +191,27 @@ impl GraphClient {
 
     /// `.`/`..` would be dropped or resolved by URL path handling and read another resource.
     fn check_user_id(user_id: &str) -> Result<(), GraphError> {
-        if user_id.trim().is_empty() || user_id == "." || user_id == ".." {
+        Self::check_id("user", user_id)
+    }
+
+    /// An id that goes into the URL path as one segment (see [`Self::check_user_id`]).
+    fn check_id(kind: &str, id: &str) -> Result<(), GraphError> {
+        if id.trim().is_empty() || id == "." || id == ".." {
             return Err(GraphError::Rejected {
                 status: 400,
-                body: format!("refused locally: {user_id:?} is not a user id"),
+                body: format!("refused locally: {id:?} is not a {kind} id"),
             });
         }
         Ok(())
+    }
+
+    /// `$select=a,b,c`, each name form-encoded.
+    fn select_query(select: &[&str]) -> String {
+        let list: Vec<String> = select
+            .iter()
+            .map(|p| url::form_urlencoded::byte_serialize(p.as_bytes()).collect())
+            .collect();
+        format!("$select={}", list.join(","))
     }
 
     /// `base` with `segments` appended, each percent-encoded as one path segment.
@@ -311,6 +329,17 @@ impl GraphClient {
         op: &'static str,
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, GraphError> {
+        self.send_to(tenant_id, op, Endpoint::Api, build).await
+    }
+
+    /// [`Self::send`], with the endpoint kind that decides how error statuses read.
+    async fn send_to(
+        &self,
+        tenant_id: &str,
+        op: &'static str,
+        endpoint: Endpoint,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, GraphError> {
         let mut retried_401 = false;
         loop {
             let token = self.access_token(tenant_id).await?;
@@ -349,7 +378,7 @@ impl GraphClient {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "graph response"
             );
-            match into_result(resp, Endpoint::Api).await {
+            match into_result(resp, endpoint).await {
                 Err(GraphError::Unauthorized { status: 401, .. }) if !retried_401 => {
                     tracing::info!(
                         tenant = tenant_id,
@@ -376,11 +405,7 @@ impl GraphApi for GraphClient {
         Self::check_user_id(user_id)?;
         let mut url = Self::url_with(&self.api_url, &["users", user_id]);
         if !select.is_empty() {
-            let list: Vec<String> = select
-                .iter()
-                .map(|p| url::form_urlencoded::byte_serialize(p.as_bytes()).collect())
-                .collect();
-            url.set_query(Some(&format!("$select={}", list.join(","))));
+            url.set_query(Some(&Self::select_query(select)));
         }
         match self
             .send(tenant_id, "get_user", |h| h.get(url.clone()))
@@ -477,6 +502,73 @@ impl GraphApi for GraphClient {
         let token = self.access_token(tenant_id).await?;
         Ok(roles_in_token(token.expose_secret()))
     }
+
+    async fn users_delta_start(
+        &self,
+        tenant_id: &str,
+        select: &[&str],
+    ) -> Result<DeltaPage, GraphError> {
+        let mut url = Self::url_with(&self.api_url, &["users", "delta"]);
+        if !select.is_empty() {
+            url.set_query(Some(&Self::select_query(select)));
+        }
+        self.delta_page(tenant_id, "users_delta_start", url).await
+    }
+
+    async fn users_delta_next(&self, tenant_id: &str, link: &str) -> Result<DeltaPage, GraphError> {
+        let url = self.same_origin(link)?;
+        self.delta_page(tenant_id, "users_delta_next", url).await
+    }
+
+    async fn renew_subscription(
+        &self,
+        tenant_id: &str,
+        subscription_id: &str,
+        expiration: DateTime<Utc>,
+    ) -> Result<Subscription, GraphError> {
+        Self::check_id("subscription", subscription_id)?;
+        let url = Self::url_with(&self.api_url, &["subscriptions", subscription_id]);
+        let body = serde_json::json!({ "expirationDateTime": expiration });
+        let resp = self
+            .send(tenant_id, "renew_subscription", |h| {
+                h.patch(url.clone()).json(&body)
+            })
+            .await?;
+        read_json(resp).await
+    }
+
+    async fn delete_subscription(
+        &self,
+        tenant_id: &str,
+        subscription_id: &str,
+    ) -> Result<(), GraphError> {
+        Self::check_id("subscription", subscription_id)?;
+        let url = Self::url_with(&self.api_url, &["subscriptions", subscription_id]);
+        match self
+            .send(tenant_id, "delete_subscription", |h| h.delete(url.clone()))
+            .await
+        {
+            Ok(_) | Err(GraphError::Rejected { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reauthorize_subscription(
+        &self,
+        tenant_id: &str,
+        subscription_id: &str,
+    ) -> Result<(), GraphError> {
+        Self::check_id("subscription", subscription_id)?;
+        let url = Self::url_with(
+            &self.api_url,
+            &["subscriptions", subscription_id, "reauthorize"],
+        );
+        self.send(tenant_id, "reauthorize_subscription", |h| {
+            h.post(url.clone())
+        })
+        .await
+        .map(drop)
+    }
 }
 
 impl GraphClient {
@@ -516,29 +608,37 @@ impl GraphClient {
         Ok(all)
     }
 
-    /// A next link, refused unless it points at the configured API origin: the bearer token
-    /// must never be sent anywhere else.
+    /// One page of a users delta round.
+    async fn delta_page(
+        &self,
+        tenant_id: &str,
+        op: &'static str,
+        url: Url,
+    ) -> Result<DeltaPage, GraphError> {
+        let resp = self
+            .send_to(tenant_id, op, Endpoint::Delta, |h| h.get(url.clone()))
+            .await?;
+        let wire: DeltaWire = read_json(resp).await?;
+        paging::delta_page(wire)
+    }
+
+    /// A link Graph handed back, refused unless it points at the configured API origin.
     fn same_origin(&self, link: &str) -> Result<Url, GraphError> {
-        let url = Url::parse(link).map_err(|_| GraphError::Rejected {
-            status: 200,
-            body: format!("unparseable @odata.nextLink {link:?}"),
-        })?;
-        if url.origin() != self.api_url.origin() {
-            return Err(GraphError::Rejected {
-                status: 200,
-                body: format!("@odata.nextLink {link:?} leaves the Graph API origin"),
-            });
-        }
-        Ok(url)
+        paging::same_origin(&self.api_url, link)
     }
 }
 
-/// Which endpoint answered: the token endpoint reports bad credentials as 400 or 401.
+/// Which endpoint answered: the token endpoint reports bad credentials as 400 or 401; delta
+/// queries report an expired or unknown token as 410 or a 4xx with a sync-state code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Token,
     Api,
+    Delta,
 }
+
+/// Graph error codes (`error.code`) meaning "this delta token is no good: resync".
+const DELTA_RESYNC_CODES: &[&str] = &["syncStateNotFound", "resyncRequired"];
 
 /// The one place where HTTP statuses become [`GraphError`]s. 2xx passes the response on.
 async fn into_result(
@@ -561,7 +661,29 @@ async fn into_result(
         500..=599 => GraphError::Server { status, body },
         401 | 403 => GraphError::Unauthorized { status, body },
         400 if endpoint == Endpoint::Token => GraphError::Unauthorized { status, body },
+        410 if endpoint == Endpoint::Delta => GraphError::DeltaTokenExpired { status, body },
+        400..=499 if endpoint == Endpoint::Delta && is_resync_code(&body) => {
+            GraphError::DeltaTokenExpired { status, body }
+        }
         _ => GraphError::Rejected { status, body },
+    })
+}
+
+/// Whether a Graph error body (`{"error":{"code":...}}`) carries one of
+/// [`DELTA_RESYNC_CODES`] (compared case-insensitively: Graph's casing of codes varies).
+fn is_resync_code(body: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        code: String,
+    }
+    serde_json::from_str::<Body>(body).is_ok_and(|b| {
+        DELTA_RESYNC_CODES
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(&b.error.code))
     })
 }
 
@@ -610,91 +732,11 @@ fn parse_retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Option<Duration
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
 }
 
-/// The token endpoint's answer. Not `Debug`: it holds the token.
-#[derive(Deserialize)]
-struct TokenAnswer {
-    token_type: String,
-    expires_in: ExpiresIn,
-    access_token: String,
-}
-
-/// `expires_in` is a number from the v2 endpoint; older endpoints sent a string.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ExpiresIn {
-    Number(u64),
-    Text(String),
-}
-
-impl ExpiresIn {
-    fn seconds(&self) -> Option<u64> {
-        match self {
-            Self::Number(n) => Some(*n),
-            Self::Text(s) => s.trim().parse().ok(),
-        }
-    }
-}
-
-/// The `roles` claim of a JWT access token, read without verifying the signature (see the
-/// module docs). `None` unless the token is a three-part JWS whose payload is a JSON object
-/// with `roles` as an array of strings; an encrypted (five-part) or opaque token is `None`.
-fn roles_in_token(token: &str) -> Option<Vec<String>> {
-    let mut parts = token.split('.');
-    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    #[derive(Deserialize)]
-    struct Claims {
-        roles: Option<Vec<String>>,
-    }
-    let claims: Claims = serde_json::from_slice(&base64url_decode(payload)?).ok()?;
-    claims.roles
-}
-
-/// Base64url without padding (RFC 4648 §5, as JWTs use it); trailing `=` is tolerated.
-/// Crate-visible so that the Graph simulator's tests can read the tokens it mints.
-pub(crate) fn base64url_decode(input: &str) -> Option<Vec<u8>> {
-    let input = input.trim_end_matches('=');
-    // One leftover character carries 6 bits: not a whole byte, so not base64.
-    if input.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(input.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for b in input.bytes() {
-        let sextet = match b {
-            b'A'..=b'Z' => b - b'A',
-            b'a'..=b'z' => b - b'a' + 26,
-            b'0'..=b'9' => b - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(sextet);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
 /// `GET /users/{id}/mailboxSettings?$select=userPurpose`.
 #[derive(Deserialize)]
 struct MailboxSettings {
     #[serde(rename = "userPurpose")]
     user_purpose: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Page<T> {
-    #[serde(default = "Vec::new")]
-    value: Vec<T>,
-    #[serde(rename = "@odata.nextLink")]
-    next_link: Option<String>,
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! implementation (app-only tokens by client credentials, cached per tenant).
 
 pub mod client;
+mod paging;
+mod token;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -119,6 +121,63 @@ pub struct Subscription {
     pub expiration_date_time: DateTime<Utc>,
 }
 
+/// One page of a users delta query (`GET /users/delta`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaPage {
+    /// Users created or changed (in a selected property) since the last round; on the first
+    /// round, every user. Graph may repeat a user (on one page or across pages): process
+    /// idempotently.
+    pub users: Vec<GraphUser>,
+    /// Users that left the directory since the last round.
+    pub removed: Vec<RemovedUser>,
+    /// Where to go next: another page of this round, or the link for the next round.
+    pub next: DeltaNext,
+}
+
+impl DeltaPage {
+    /// The link to store for the next round, when this is the round's last page.
+    pub fn delta_link(&self) -> Option<&str> {
+        match &self.next {
+            DeltaNext::DeltaLink(link) => Some(link),
+            DeltaNext::NextLink(_) => None,
+        }
+    }
+}
+
+/// A delta item carrying `@removed`: `{"id":"...","@removed":{"reason":"changed"|"deleted"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedUser {
+    pub id: String,
+    /// `"changed"`: soft delete (restorable for 30 days); `"deleted"`: hard delete. Kept as
+    /// Graph sent it (Graph may add values).
+    pub reason: String,
+}
+
+impl RemovedUser {
+    /// Soft delete (`reason` = `changed`): the user may come back.
+    pub fn is_soft_delete(&self) -> bool {
+        self.reason.eq_ignore_ascii_case("changed")
+    }
+}
+
+/// The link a delta page ends with. Both are whole URLs, to be called as they are with
+/// [`GraphApi::users_delta_next`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeltaNext {
+    /// `@odata.nextLink`: more pages of this round follow.
+    NextLink(String),
+    /// `@odata.deltaLink`: the round is complete; store this and call it later for changes.
+    DeltaLink(String),
+}
+
+impl DeltaNext {
+    pub fn link(&self) -> &str {
+        match self {
+            Self::NextLink(link) | Self::DeltaLink(link) => link,
+        }
+    }
+}
+
 /// Errors talking to Graph, classified by what the caller should do about them.
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -139,6 +198,11 @@ pub enum GraphError {
     /// must fix the app registration; retrying will not help.
     #[error("graph refused authorization (status {status}): {body}")]
     Unauthorized { status: u16, body: String },
+    /// The delta (or skip) token in a delta link is expired or unknown to Graph (`410 Gone`,
+    /// or a 4xx with error code `syncStateNotFound` / `resyncRequired`). Retrying the same
+    /// link will not help: start a full resync with [`GraphApi::users_delta_start`].
+    #[error("graph delta token expired (status {status}); a full resync is needed: {body}")]
+    DeltaTokenExpired { status: u16, body: String },
     /// Any other 4xx, or an answer we cannot parse.
     #[error("graph rejected the request (status {status}): {body}")]
     Rejected { status: u16, body: String },
@@ -218,6 +282,46 @@ pub trait GraphApi: Send + Sync + std::fmt::Debug {
     /// for reporting only.
     async fn granted_permissions(&self, tenant_id: &str)
     -> Result<Option<Vec<String>>, GraphError>;
+
+    /// `GET /users/delta?$select=...`: the first page of a full sync. Follow
+    /// [`DeltaPage::next`] with [`GraphApi::users_delta_next`] until a page carries a
+    /// [`DeltaNext::DeltaLink`]; store that for the next round. `$select` narrows tracking:
+    /// later rounds only report users whose selected properties changed.
+    async fn users_delta_start(
+        &self,
+        tenant_id: &str,
+        select: &[&str],
+    ) -> Result<DeltaPage, GraphError>;
+
+    /// GET a `@odata.nextLink` or `@odata.deltaLink` exactly as Graph gave it. A link off
+    /// the configured API origin is refused ([`GraphError::Rejected`]) without sending the
+    /// token anywhere. [`GraphError::DeltaTokenExpired`] means: start over with
+    /// [`GraphApi::users_delta_start`].
+    async fn users_delta_next(&self, tenant_id: &str, link: &str) -> Result<DeltaPage, GraphError>;
+
+    /// `PATCH /subscriptions/{id}` with a new `expirationDateTime`. An unknown (expired and
+    /// removed) subscription is [`GraphError::Rejected`] with status 404: create it again.
+    async fn renew_subscription(
+        &self,
+        tenant_id: &str,
+        subscription_id: &str,
+        expiration: DateTime<Utc>,
+    ) -> Result<Subscription, GraphError>;
+
+    /// `DELETE /subscriptions/{id}`. Already gone (404) counts as deleted.
+    async fn delete_subscription(
+        &self,
+        tenant_id: &str,
+        subscription_id: &str,
+    ) -> Result<(), GraphError>;
+
+    /// `POST /subscriptions/{id}/reauthorize` (answer to `reauthorizationRequired`; does not
+    /// extend the expiry).
+    async fn reauthorize_subscription(
+        &self,
+        tenant_id: &str,
+        subscription_id: &str,
+    ) -> Result<(), GraphError>;
 }
 
 #[cfg(test)]

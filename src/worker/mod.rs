@@ -220,17 +220,7 @@ impl Worker {
     pub async fn process(&self, decoded: &Decoded) -> Outcome {
         match &decoded.message {
             Message::UserChanged(m) => self.converge_user(m).await,
-            Message::Lifecycle(l) => {
-                tracing::warn!(
-                    subscription_id = %l.subscription_id,
-                    lifecycle_event = %l.lifecycle_event,
-                    "Graph lifecycle event recorded; automatic reauthorization is not built yet (see README)"
-                );
-                Outcome::Skipped {
-                    reason: "lifecycle_event_recorded".into(),
-                    detail: Detail::default(),
-                }
-            }
+            Message::Lifecycle(l) => self.lifecycle(l).await,
             Message::UserOutcome(_) => Outcome::Permanent {
                 reason: "unexpected_message_type",
                 error: "outcome events do not belong on the work queues".into(),
@@ -300,6 +290,47 @@ impl Worker {
         }
         if let Err(error) = delivery.settle(&settlement).await {
             tracing::warn!(%error, "could not settle the message; the broker will redeliver it");
+        }
+    }
+
+    /// `reauthorizationRequired`: reauthorize now (Graph pauses a subscription that is not);
+    /// changes missed meanwhile are caught by the leader's next delta poll.
+    async fn lifecycle(&self, l: &crate::message::SubscriptionLifecycle) -> Outcome {
+        if l.lifecycle_event != "reauthorizationRequired" {
+            tracing::info!(lifecycle_event = %l.lifecycle_event, "lifecycle event recorded (no action for users)");
+            return Outcome::Skipped {
+                reason: "lifecycle_event_recorded".into(),
+                detail: Detail::default(),
+            };
+        }
+        match self
+            .deps
+            .graph
+            .reauthorize_subscription(&l.tenant_id, &l.subscription_id)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(subscription_id = %l.subscription_id, "subscription reauthorized");
+                Outcome::Skipped {
+                    reason: "subscription_reauthorized".into(),
+                    detail: Detail::default(),
+                }
+            }
+            Err(crate::graph::GraphError::Rejected { status: 404, .. }) => {
+                tracing::warn!(subscription_id = %l.subscription_id, "subscription gone; the leader's subscription manager recreates it");
+                Outcome::Skipped {
+                    reason: "subscription_gone".into(),
+                    detail: Detail::default(),
+                }
+            }
+            Err(e) if e.is_retryable() => Outcome::Transient {
+                retry_after: e.retry_after(),
+                error: format!("graph: {e}"),
+            },
+            Err(e) => Outcome::Permanent {
+                reason: "graph_rejected",
+                error: e.to_string(),
+            },
         }
     }
 

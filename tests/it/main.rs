@@ -10,4 +10,5 @@ mod pipeline;
 mod policy;
 mod queue_conformance;
 mod receiver;
+mod reconcile;
 mod schemas;

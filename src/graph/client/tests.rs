@@ -6,7 +6,7 @@ use chrono::{TimeDelta, Utc};
 use reqwest::header::HeaderValue;
 
 use super::*;
-use crate::graph::USER_SELECT;
+use crate::graph::{DeltaNext, RemovedUser, USER_SELECT};
 use crate::sim::graph::tests::{APP, CLIENT_STATE, Handshake, SECRET, Subscriber, TENANT};
 use crate::sim::graph::{GraphSim, SimServer};
 
@@ -837,5 +837,386 @@ fn roles_are_read_from_jwt_payloads_only() {
         base64url_decode("+/8"),
         None,
         "standard alphabet is not base64url"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Delta query and subscription maintenance
+
+const DELTA_SELECT: &[&str] = &["id", "accountEnabled", "userPrincipalName"];
+
+fn numbered(i: usize) -> GraphUser {
+    GraphUser {
+        id: format!("cccccccc-0000-4000-8000-{i:012}"),
+        account_enabled: Some(true),
+        user_principal_name: Some(format!("user{i}@example.com")),
+        department: Some("Sales".into()),
+        ..Default::default()
+    }
+}
+
+/// Everything one delta round returned, and how it ended.
+#[derive(Debug)]
+struct Round {
+    users: Vec<GraphUser>,
+    removed: Vec<RemovedUser>,
+    delta_link: String,
+    pages: usize,
+}
+
+impl Round {
+    fn user_ids(&self) -> Vec<&str> {
+        self.users.iter().map(|u| u.id.as_str()).collect()
+    }
+}
+
+/// Follow `page` through its next links to the delta link.
+async fn follow(client: &GraphClient, mut page: DeltaPage) -> Round {
+    let mut round = Round {
+        users: Vec::new(),
+        removed: Vec::new(),
+        delta_link: String::new(),
+        pages: 0,
+    };
+    loop {
+        round.pages += 1;
+        round.users.append(&mut page.users);
+        round.removed.append(&mut page.removed);
+        match page.next {
+            DeltaNext::NextLink(link) => {
+                page = client.users_delta_next(TENANT, &link).await.unwrap();
+            }
+            DeltaNext::DeltaLink(link) => {
+                round.delta_link = link;
+                return round;
+            }
+        }
+    }
+}
+
+/// The next round from a stored delta link.
+async fn next_round(f: &Fixture, delta_link: &str) -> Round {
+    let first = f.client.users_delta_next(TENANT, delta_link).await.unwrap();
+    follow(&f.client, first).await
+}
+
+/// Alice plus `n` numbered users, synced once with [`DELTA_SELECT`].
+async fn synced(n: usize, page_size: usize) -> (Fixture, Round) {
+    let f = fixture().await;
+    for i in 0..n {
+        f.sim.upsert_user(TENANT, numbered(i)).unwrap();
+    }
+    f.sim.update_settings(|s| s.delta_page_size = page_size);
+    let first = f
+        .client
+        .users_delta_start(TENANT, DELTA_SELECT)
+        .await
+        .unwrap();
+    let round = follow(&f.client, first).await;
+    (f, round)
+}
+
+#[tokio::test]
+async fn delta_initial_sync_pages_to_a_delta_link_then_reports_changes_only() {
+    let (f, initial) = synced(4, 2).await;
+    assert_eq!(initial.pages, 3);
+    let mut ids = initial.user_ids();
+    ids.sort_unstable();
+    let mut expected: Vec<String> = (0..4).map(|i| numbered(i).id).collect();
+    expected.push(ALICE.into());
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    assert!(initial.removed.is_empty());
+    let alice = initial.users.iter().find(|u| u.id == ALICE).unwrap();
+    assert_eq!(alice.account_enabled, Some(true), "selected");
+    assert_eq!(alice.proxy_addresses, None, "not selected");
+    let first_call = f
+        .sim
+        .request_log()
+        .into_iter()
+        .find(|r| r.path == "/v1.0/users/delta")
+        .unwrap();
+    assert_eq!(
+        first_call.query.as_deref(),
+        Some("$select=id,accountEnabled,userPrincipalName")
+    );
+
+    let quiet = next_round(&f, &initial.delta_link).await;
+    assert!(
+        quiet.users.is_empty() && quiet.removed.is_empty(),
+        "{quiet:?}"
+    );
+
+    f.sim.set_account_enabled(TENANT, ALICE, false).unwrap();
+    let changed = next_round(&f, &quiet.delta_link).await;
+    assert_eq!(changed.user_ids(), [ALICE]);
+    assert_eq!(changed.users[0].account_enabled, Some(false));
+    // A delta link can be replayed: it still reports the same changes.
+    let replay = next_round(&f, &quiet.delta_link).await;
+    assert_eq!(replay.user_ids(), [ALICE]);
+    // New users appear in the next round.
+    f.sim.upsert_user(TENANT, numbered(9)).unwrap();
+    let created = next_round(&f, &changed.delta_link).await;
+    assert_eq!(created.user_ids(), [numbered(9).id]);
+}
+
+#[tokio::test]
+async fn delta_select_narrows_tracking() {
+    let (f, initial) = synced(1, 100).await;
+    f.sim
+        .update_user(TENANT, ALICE, |u| u.department = Some("Legal".into()))
+        .unwrap();
+    let unselected = next_round(&f, &initial.delta_link).await;
+    assert!(unselected.users.is_empty(), "{unselected:?}");
+
+    f.sim
+        .update_user(TENANT, ALICE, |u| {
+            u.user_principal_name = Some("alice.new@example.com".into())
+        })
+        .unwrap();
+    let selected = next_round(&f, &unselected.delta_link).await;
+    assert_eq!(selected.user_ids(), [ALICE]);
+    assert_eq!(
+        selected.users[0].user_principal_name.as_deref(),
+        Some("alice.new@example.com")
+    );
+}
+
+#[tokio::test]
+async fn delta_reports_soft_and_hard_deletes_as_removed() {
+    let (f, initial) = synced(2, 100).await;
+    let (soft, hard) = (numbered(0).id, numbered(1).id);
+    f.sim.soft_delete_user(TENANT, &soft).unwrap();
+    f.sim.delete_user(TENANT, &hard).unwrap();
+    assert_eq!(
+        f.client.get_user(TENANT, &soft, &["id"]).await.unwrap(),
+        None
+    );
+
+    let gone = next_round(&f, &initial.delta_link).await;
+    assert!(gone.users.is_empty(), "{gone:?}");
+    assert_eq!(
+        gone.removed,
+        [
+            RemovedUser {
+                id: soft.clone(),
+                reason: "changed".into()
+            },
+            RemovedUser {
+                id: hard,
+                reason: "deleted".into()
+            },
+        ]
+    );
+    assert!(gone.removed[0].is_soft_delete() && !gone.removed[1].is_soft_delete());
+
+    // Restoring a soft-deleted user brings it back as a user.
+    f.sim.upsert_user(TENANT, numbered(0)).unwrap();
+    let restored = next_round(&f, &gone.delta_link).await;
+    assert_eq!(restored.user_ids(), [soft.as_str()]);
+    assert!(restored.removed.is_empty());
+}
+
+#[tokio::test]
+async fn delta_latest_starts_from_now() {
+    let f = fixture().await;
+    let latest = format!(
+        "{}/users/delta?$deltatoken=latest&$select=id,accountEnabled",
+        f.server.api_url()
+    );
+    let page = f.client.users_delta_next(TENANT, &latest).await.unwrap();
+    assert!(page.users.is_empty() && page.removed.is_empty());
+    let link = page.delta_link().unwrap().to_owned();
+    assert!(next_round(&f, &link).await.users.is_empty());
+    f.sim.set_account_enabled(TENANT, ALICE, false).unwrap();
+    assert_eq!(next_round(&f, &link).await.user_ids(), [ALICE]);
+}
+
+#[tokio::test]
+async fn expired_delta_tokens_are_delta_token_expired_in_both_readings() {
+    let (f, initial) = synced(0, 100).await;
+    f.sim.expire_delta_tokens(TENANT).unwrap();
+    let err = f
+        .client
+        .users_delta_next(TENANT, &initial.delta_link)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, GraphError::DeltaTokenExpired { status: 410, body } if body.contains("syncStateNotFound")),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+
+    // The 400 reading, with an expired next link in the middle of a round.
+    f.sim.update_settings(|s| {
+        s.delta_token_expired_status = 400;
+        s.delta_page_size = 1;
+    });
+    f.sim.upsert_user(TENANT, numbered(0)).unwrap();
+    let first = f.client.users_delta_start(TENANT, &["id"]).await.unwrap();
+    let DeltaNext::NextLink(next) = first.next else {
+        panic!("expected more pages: {first:?}");
+    };
+    f.sim.expire_delta_tokens(TENANT).unwrap();
+    let err = f.client.users_delta_next(TENANT, &next).await.unwrap_err();
+    assert!(
+        matches!(&err, GraphError::DeltaTokenExpired { status: 400, .. }),
+        "{err:?}"
+    );
+
+    // Tokens outlive neither the configured lifetime.
+    f.sim
+        .update_settings(|s| s.delta_token_lifetime = Duration::from_millis(100));
+    let round = follow(
+        &f.client,
+        f.client.users_delta_start(TENANT, &["id"]).await.unwrap(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let err = f
+        .client
+        .users_delta_next(TENANT, &round.delta_link)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, GraphError::DeltaTokenExpired { .. }),
+        "{err:?}"
+    );
+
+    // Other 4xx answers of a delta call stay ordinary rejections.
+    f.sim.fail_next(1, 400).unwrap();
+    let err = f
+        .client
+        .users_delta_start(TENANT, &["id"])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, GraphError::Rejected { status: 400, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn resync_codes_are_read_from_graph_error_bodies() {
+    assert!(is_resync_code(
+        r#"{"error":{"code":"syncStateNotFound","message":"x"}}"#
+    ));
+    assert!(is_resync_code(r#"{"error":{"code":"ResyncRequired"}}"#));
+    assert!(!is_resync_code(r#"{"error":{"code":"invalidRequest"}}"#));
+    assert!(!is_resync_code("syncStateNotFound"));
+}
+
+#[tokio::test]
+async fn delta_links_off_the_api_origin_are_refused_unsent() {
+    let f = fixture().await;
+    for link in [
+        "https://evil.example/v1.0/users/delta?$deltatoken=x",
+        "not a link",
+    ] {
+        let err = f.client.users_delta_next(TENANT, link).await.unwrap_err();
+        assert!(
+            matches!(err, GraphError::Rejected { status: 200, .. }),
+            "{err:?}"
+        );
+    }
+    assert_eq!(f.sim.token_requests(), 0);
+    assert!(f.sim.request_log().is_empty());
+}
+
+#[tokio::test]
+async fn delta_duplicates_reach_the_caller() {
+    let f = fixture().await;
+    f.sim
+        .update_faults(|x| x.delta_duplicate_probability = 1.0)
+        .unwrap();
+    let round = follow(
+        &f.client,
+        f.client.users_delta_start(TENANT, &["id"]).await.unwrap(),
+    )
+    .await;
+    assert_eq!(round.user_ids(), [ALICE, ALICE]);
+}
+
+#[tokio::test]
+async fn subscriptions_are_renewed_reauthorized_and_deleted() {
+    let f = fixture().await;
+    let sub = Subscriber::start(Handshake::Echo).await;
+    let created = f
+        .client
+        .create_subscription(TENANT, &new_subscription(&sub.url, "users"))
+        .await
+        .unwrap();
+    let later = Utc::now() + TimeDelta::days(3);
+    let renewed = f
+        .client
+        .renew_subscription(TENANT, &created.id, later)
+        .await
+        .unwrap();
+    assert_eq!(renewed.id, created.id);
+    assert!((renewed.expiration_date_time - later).num_seconds().abs() < 1);
+    let stored = f.sim.subscriptions(TENANT);
+    assert_eq!(
+        stored[0].subscription.expiration_date_time,
+        renewed.expiration_date_time
+    );
+    let err = f
+        .client
+        .renew_subscription(TENANT, &created.id, Utc::now() + TimeDelta::days(40))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, GraphError::Rejected { status: 400, .. }),
+        "{err:?}"
+    );
+
+    f.client
+        .reauthorize_subscription(TENANT, &created.id)
+        .await
+        .unwrap();
+    let reauthorize = f
+        .sim
+        .request_log()
+        .into_iter()
+        .find(|r| r.path.ends_with("/reauthorize"))
+        .unwrap();
+    assert_eq!(reauthorize.status, 204);
+
+    f.client
+        .delete_subscription(TENANT, &created.id)
+        .await
+        .unwrap();
+    assert!(f.sim.subscriptions(TENANT).is_empty());
+    // Already gone, or never there: deleted all the same.
+    f.client
+        .delete_subscription(TENANT, &created.id)
+        .await
+        .unwrap();
+    f.client
+        .delete_subscription(TENANT, "no-such-subscription")
+        .await
+        .unwrap();
+    for err in [
+        f.client
+            .renew_subscription(TENANT, &created.id, later)
+            .await
+            .unwrap_err(),
+        f.client
+            .reauthorize_subscription(TENANT, &created.id)
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(err, GraphError::Rejected { status: 404, .. }),
+            "{err:?}"
+        );
+    }
+    let err = f
+        .client
+        .delete_subscription(TENANT, "..")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, GraphError::Rejected { status: 400, .. }),
+        "{err:?}"
     );
 }

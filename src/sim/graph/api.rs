@@ -29,7 +29,7 @@ use subtle::ConstantTimeEq;
 
 use super::delivery::MAX_RECORDS;
 use super::permissions::{self, READ_LIFECYCLE_INFO, READ_USERS, TokenClaims};
-use super::{Grant, GraphSim, RequestRecord, Tenant, groups, mailbox, subscriptions};
+use super::{Grant, GraphSim, RequestRecord, Tenant, delta, groups, mailbox, subscriptions};
 use crate::graph::USER_SELECT;
 
 /// Properties `GET /users/{id}` returns without `$select` (Graph's default set: note that
@@ -85,6 +85,7 @@ pub(super) fn routes() -> Router<GraphSim> {
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token))
         .route("/v1.0/users/{id}", get(get_user))
+        .merge(delta::routes())
         .merge(groups::routes())
         .merge(mailbox::routes())
         .merge(subscriptions::routes())
@@ -554,7 +555,7 @@ pub(super) fn user_not_found(id: &str) -> ApiError {
 /// A user as Graph renders it: the `$select`ed properties (unset ones as `null`, `id`
 /// always), or the default set without `$select`. `employeeLeaveDateTime` is left out
 /// unless the caller may read lifecycle info (`lifecycle`).
-fn render_user(
+pub(super) fn render_user(
     user: &crate::graph::GraphUser,
     select: Option<&str>,
     base: &str,

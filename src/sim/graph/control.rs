@@ -9,6 +9,8 @@
 //! - `PUT    /_sim/tenants/{t}/users/{id}`      create or replace (JSON `GraphUser`)
 //! - `PATCH  /_sim/tenants/{t}/users/{id}`      change some properties (`null` unsets)
 //! - `DELETE /_sim/tenants/{t}/users/{id}`      hard delete (and its memberships, mailbox)
+//! - `POST   /_sim/tenants/{t}/users/{id}/soft-delete`  soft delete (delta: `changed`)
+//! - `POST   /_sim/tenants/{t}/delta/expire`    expire every delta and skip token
 //! - `GET|PUT /_sim/tenants/{t}/users/{id}/mailbox`  read or set the mailbox purpose:
 //!   `{"userPurpose": "shared"}`, `{"userPurpose": null}` for no mailbox (no notification)
 //! - `GET    /_sim/tenants/{t}/groups`          groups with their direct members
@@ -49,6 +51,11 @@ pub(super) fn routes() -> Router<GraphSim> {
             "/_sim/tenants/{tenant}/users/{id}/mailbox",
             get(get_mailbox).put(put_mailbox),
         )
+        .route(
+            "/_sim/tenants/{tenant}/users/{id}/soft-delete",
+            post(soft_delete_user),
+        )
+        .route("/_sim/tenants/{tenant}/delta/expire", post(expire_delta))
         .route("/_sim/tenants/{tenant}/groups", get(list_groups))
         .route("/_sim/tenants/{tenant}/groups/{group}", put(put_group))
         .route(
@@ -215,6 +222,22 @@ async fn delete_user(
     Path((tenant, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ControlError> {
     sim.delete_user(&tenant, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn soft_delete_user(
+    State(sim): State<GraphSim>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<StatusCode, ControlError> {
+    sim.soft_delete_user(&tenant, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn expire_delta(
+    State(sim): State<GraphSim>,
+    Path(tenant): Path<String>,
+) -> Result<StatusCode, ControlError> {
+    sim.expire_delta_tokens(&tenant)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -14,6 +14,7 @@
 //! - `permissions.rs`: application permissions per app, the tokens carrying them, the checks.
 //! - `groups.rs`: groups with nested members, `/v1.0/users/{id}/transitiveMemberOf`.
 //! - `mailbox.rs`: mailbox purpose per user, `/v1.0/users/{id}/mailboxSettings`.
+//! - `delta.rs`: the per-tenant change log and `/v1.0/users/delta`.
 //! - `delivery.rs`: outbound calls to the subscriber: validation handshake and notification
 //!   delivery with the fault settings applied.
 //! - `subscriptions.rs`: `/v1.0/subscriptions`, including the validation handshake call.
@@ -26,6 +27,7 @@
 mod api;
 mod control;
 mod delivery;
+mod delta;
 mod groups;
 mod mailbox;
 mod permissions;
@@ -182,6 +184,8 @@ struct Tenant {
     /// `userPurpose` per lower-cased user id; users not in here have no mailbox.
     mailboxes: HashMap<String, String>,
     next_sequence: u64,
+    /// The change log and sync state behind `/users/delta`.
+    delta: delta::DeltaLog,
 }
 
 impl Tenant {
@@ -307,6 +311,7 @@ impl GraphSim {
                 groups: BTreeMap::new(),
                 mailboxes: HashMap::new(),
                 next_sequence: 1,
+                delta: delta::DeltaLog::default(),
             });
     }
 
@@ -374,7 +379,11 @@ impl GraphSim {
                 "{user_id} is already a group's id (directory object ids are unique)"
             )));
         }
-        tenant.users.insert(user_id.to_ascii_lowercase(), user);
+        let key = user_id.to_ascii_lowercase();
+        let before = tenant.users.insert(key.clone(), user.clone());
+        tenant
+            .delta
+            .record_update(&key, &user_id, before.as_ref(), &user);
         self.notify(&mut st, tenant_id, &user_id, Change::Updated);
         Ok(())
     }
@@ -403,14 +412,14 @@ impl GraphSim {
             tenant_id: tenant_id.to_owned(),
             user_id: user_id.to_owned(),
         };
-        let user = tenant
-            .users
-            .get_mut(&user_id.to_ascii_lowercase())
-            .ok_or_else(unknown)?;
+        let key = user_id.to_ascii_lowercase();
+        let user = tenant.users.get_mut(&key).ok_or_else(unknown)?;
+        let before = user.clone();
         let id = user.id.clone();
         f(user);
         user.id = id.clone();
         let after = user.clone();
+        tenant.delta.record_update(&key, &id, Some(&before), &after);
         self.notify(&mut st, tenant_id, &id, Change::Updated);
         Ok(after)
     }
@@ -428,7 +437,41 @@ impl GraphSim {
                 user_id: user_id.to_owned(),
             })?;
         tenant.forget_user(&key);
+        tenant
+            .delta
+            .record_removal(&key, &removed.id, delta::HARD_DELETE);
         self.notify(&mut st, tenant_id, &removed.id, Change::Deleted);
+        Ok(())
+    }
+
+    /// Soft-delete a user (move it to "deleted items"): it leaves `GET /users` (404), its
+    /// memberships and mailbox are forgotten as for a hard delete, delta reports it as
+    /// removed with reason `changed`, and subscriptions are notified `updated` (Graph
+    /// reports soft deletes as updates). Restore by upserting the user again.
+    pub fn soft_delete_user(&self, tenant_id: &str, user_id: &str) -> Result<(), SimError> {
+        let mut st = self.state();
+        let tenant = st.tenant_mut(tenant_id)?;
+        let key = user_id.to_ascii_lowercase();
+        let removed = tenant
+            .users
+            .remove(&key)
+            .ok_or_else(|| SimError::UnknownUser {
+                tenant_id: tenant_id.to_owned(),
+                user_id: user_id.to_owned(),
+            })?;
+        tenant.forget_user(&key);
+        tenant
+            .delta
+            .record_removal(&key, &removed.id, delta::SOFT_DELETE);
+        self.notify(&mut st, tenant_id, &removed.id, Change::Updated);
+        Ok(())
+    }
+
+    /// Invalidate every delta and skip token of the tenant (as if they had outlived
+    /// [`GraphSimSettings::delta_token_lifetime`]): calling an old link gets
+    /// `syncStateNotFound`.
+    pub fn expire_delta_tokens(&self, tenant_id: &str) -> Result<(), SimError> {
+        self.state().tenant_mut(tenant_id)?.delta.expire_all();
         Ok(())
     }
 

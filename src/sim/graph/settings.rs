@@ -61,6 +61,9 @@ pub struct GraphSimFaults {
     /// The next N API requests (after throttling) fail with `fail_status`.
     pub fail_next: u32,
     pub fail_status: u16,
+    /// Chance that a user on a `/users/delta` page is repeated on the same page (Graph
+    /// replays and duplicates delta items; clients must be idempotent).
+    pub delta_duplicate_probability: f64,
     /// Re-seed the random generator when these settings are applied.
     pub seed: Option<u64>,
 }
@@ -88,6 +91,7 @@ impl Default for GraphSimFaults {
             throttle_retry_after_secs: None,
             fail_next: 0,
             fail_status: 500,
+            delta_duplicate_probability: 0.0,
             seed: None,
         }
     }
@@ -98,6 +102,10 @@ impl GraphSimFaults {
         for (name, p) in [
             ("duplicate_probability", self.duplicate_probability),
             ("drop_probability", self.drop_probability),
+            (
+                "delta_duplicate_probability",
+                self.delta_duplicate_probability,
+            ),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(SimError::Invalid(format!("{name} must be within 0..=1")));
@@ -136,6 +144,14 @@ pub struct GraphSimSettings {
     pub handshake_timeout: Duration,
     /// Graph's quota for users subscriptions per app per tenant; over it creation gets 403.
     pub max_subscriptions_per_app_per_tenant: usize,
+    /// Items per `/users/delta` page (small values make `@odata.nextLink` testable).
+    pub delta_page_size: usize,
+    /// How long delta and skip tokens stay usable (Graph: 7 days for directory objects).
+    pub delta_token_lifetime: Duration,
+    /// The status of the `syncStateNotFound` answer to an expired or unknown delta token:
+    /// 410 (Gone) or a 4xx such as 400. Graph is documented with both; clients must take
+    /// either as "resync".
+    pub delta_token_expired_status: u16,
 }
 
 impl Default for GraphSimSettings {
@@ -147,6 +163,9 @@ impl Default for GraphSimSettings {
             opaque_tokens: false,
             handshake_timeout: Duration::from_secs(10),
             max_subscriptions_per_app_per_tenant: 100,
+            delta_page_size: 100,
+            delta_token_lifetime: Duration::from_secs(7 * 24 * 3600),
+            delta_token_expired_status: 410,
         }
     }
 }

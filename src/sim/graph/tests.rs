@@ -15,6 +15,8 @@ use url::Url;
 
 use super::*;
 
+/// `/users/delta` and the change log.
+mod delta;
 /// Tokens and permissions, groups and mailboxes.
 mod directory;
 
