@@ -228,6 +228,10 @@ impl App {
             interval: self.config.leader.delta_interval,
         };
         tokio::spawn(reconciler.run(lease.clone(), shutdown.clone()));
+        tokio::spawn(
+            self.clone()
+                .sweep_on_schedule(lease.clone(), shutdown.clone()),
+        );
         let app = self.clone();
         tokio::spawn(async move {
             let manager = crate::subscriptions::SubscriptionManager {
@@ -315,6 +319,52 @@ impl App {
                     }
                 }
             });
+        }
+    }
+}
+
+impl App {
+    /// The scheduled drift sweep (every `leader.sweep_every`, while leading).
+    async fn sweep_on_schedule(
+        self,
+        mut leader: tokio::sync::watch::Receiver<bool>,
+        shutdown: CancellationToken,
+    ) {
+        let Ok(state) = StateStore::open(&self.config.worker.state_dir) else {
+            return;
+        };
+        let signer = self.config.signing.signer();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.leader.sweep_every) => {}
+            }
+            if !*leader.borrow_and_update() {
+                continue;
+            }
+            let policy = self.policy.current();
+            let sweeper = crate::sweep::Sweeper {
+                config: &self.config,
+                graph: self.graph.as_ref(),
+                proofpoint: self.proofpoint.as_ref(),
+                queue: self.queue.as_ref(),
+                policy: policy.as_ref(),
+                signer: &signer,
+                state: &state,
+            };
+            for tenant in &self.config.tenants {
+                match sweeper
+                    .sweep(tenant, self.config.worker.dry_run, &mut |_, _| {})
+                    .await
+                {
+                    Ok(r) => {
+                        tracing::info!(tenant_id = %tenant.id, users = r.graph_users, drifts = r.drifts.len(), queued = r.queued, "drift sweep")
+                    }
+                    Err(e) => {
+                        tracing::error!(tenant_id = %tenant.id, error = %e, "drift sweep failed")
+                    }
+                }
+            }
         }
     }
 }

@@ -59,6 +59,16 @@ pub enum Command {
     /// Inspect or release the blast-radius breaker (it holds deactivations once tripped).
     #[command(subcommand)]
     Breaker(BreakerCommand),
+    /// Drift sweep: evaluate every user and compare with Proofpoint; queue corrections
+    /// through the normal pipeline (retries, guards and the breaker apply).
+    Reconcile {
+        /// Only this tenant (default: all).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Show what differs; queue nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manage the Graph subscriptions (the leader also does this by itself).
     #[command(subcommand)]
     Subscriptions(SubscriptionsCommand),
@@ -202,6 +212,16 @@ async fn dispatch(cli: Cli) -> ExitCode {
             });
             return policy_command(cmd, cli.config.as_deref()).await;
         }
+        Command::Reconcile { tenant, dry_run } => match load(cli.config.as_deref()) {
+            Ok(cfg) => {
+                telemetry::init(&LogConfig {
+                    filter: "warn".into(),
+                    ..cfg.log.clone()
+                });
+                reconcile_command(cfg, tenant, dry_run).await
+            }
+            Err(code) => return code,
+        },
         Command::Subscriptions(cmd) => match load(cli.config.as_deref()) {
             Ok(cfg) => {
                 telemetry::init(&cfg.log);
@@ -430,6 +450,61 @@ async fn subscriptions_command(cmd: SubscriptionsCommand, cfg: &Config) -> anyho
                 None => println!("{}: nothing to delete", t.id),
             },
         }
+    }
+    Ok(())
+}
+
+async fn reconcile_command(
+    cfg: Config,
+    tenant: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    if cfg.amqp.url.is_none() && !dry_run {
+        anyhow::bail!(
+            "invalid configuration value for `amqp.url`: corrections go through the queue; set it, or use --dry-run"
+        );
+    }
+    let app = App::from_config(cfg, QueueChoice::RabbitOrEmbedded)?;
+    let state = crate::state::StateStore::open(&app.config.worker.state_dir)?;
+    let policy = app.policy.current();
+    let signer = app.config.signing.signer();
+    let sweeper = crate::sweep::Sweeper {
+        config: &app.config,
+        graph: app.graph.as_ref(),
+        proofpoint: app.proofpoint.as_ref(),
+        queue: app.queue.as_ref(),
+        policy: policy.as_ref(),
+        signer: &signer,
+        state: &state,
+    };
+    let tenants: Vec<_> = app
+        .config
+        .tenants
+        .iter()
+        .filter(|t| {
+            tenant
+                .as_deref()
+                .is_none_or(|x| t.id.eq_ignore_ascii_case(x))
+        })
+        .collect();
+    anyhow::ensure!(!tenants.is_empty(), "no configured tenant matches");
+    for t in tenants {
+        let bar = if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_message(format!("sweeping tenant {}", t.id));
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let report = sweeper
+            .sweep(t, dry_run, &mut |done, _| {
+                bar.set_message(format!("sweeping tenant {}: {done} users read", t.id));
+                bar.tick();
+            })
+            .await?;
+        bar.finish_and_clear();
+        print!("{}", crate::sweep::render(&t.id, &report, dry_run));
     }
     Ok(())
 }

@@ -86,6 +86,9 @@ pub struct LeaderConfig {
     /// Renew a subscription when less than this is left (Graph's maximum is ~29 days).
     #[serde(with = "humantime_serde")]
     pub subscription_renew_before: Duration,
+    /// How often the leader runs the drift sweep over every tenant.
+    #[serde(with = "humantime_serde")]
+    pub sweep_every: Duration,
 }
 
 impl Default for LeaderConfig {
@@ -94,6 +97,7 @@ impl Default for LeaderConfig {
             delta_interval: Duration::from_secs(30),
             subscription_check_every: Duration::from_secs(3600),
             subscription_renew_before: Duration::from_secs(7 * 24 * 3600),
+            sweep_every: Duration::from_secs(24 * 3600),
         }
     }
 }

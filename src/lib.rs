@@ -17,6 +17,7 @@
 //! - [`receiver`]: the axum webhook endpoint; validates, signs and publishes, nothing else.
 //! - [`reconciler`]: the delta-query backstop run by the leader.
 //! - [`subscriptions`]: the Graph subscription manager run by the leader.
+//! - [`sweep`]: the drift sweep (`flagrelay reconcile`, and daily in the leader).
 //! - [`worker`]: consumes, reads Graph and Proofpoint, applies the policy's decision, and maps
 //!   each processing outcome to ack / retry / dead-letter in one function.
 //! - [`policy`]: pure decision logic (no IO, no clock): rules, guards, grace, the breaker.
@@ -45,5 +46,6 @@ pub mod shutdown;
 pub mod sim;
 pub mod state;
 pub mod subscriptions;
+pub mod sweep;
 pub mod telemetry;
 pub mod worker;

@@ -61,7 +61,13 @@ async fn a_flip_in_entra_reaches_proofpoint_both_ways() {
             stored.other.get("firstname"),
             Some(&serde_json::json!("alice"))
         );
-        assert!(Metrics::get(&t.app.metrics.outcomes_applied_total) >= 2);
+        // The outcome is counted just after the write lands.
+        assert!(
+            eventually(CONVERGE, || Metrics::get(
+                &t.app.metrics.outcomes_applied_total
+            ) >= 2)
+            .await
+        );
         t.stop().await;
     }
 }

@@ -191,3 +191,63 @@ async fn reauthorization_required_is_answered_by_reauthorizing() {
     );
     t.stop().await;
 }
+
+#[tokio::test]
+async fn the_drift_sweep_repairs_a_manual_edit_in_proofpoint() {
+    let t = TestApp::start("sweep", Options::default()).await;
+    let edited = t.sandbox.seed_user("edited", true, "end_user");
+    let _fine = t.sandbox.seed_user("fine", true, "end_user");
+    assert!(eventually(CONVERGE, || processed(&t) >= 2).await);
+    // Someone deactivated the user by hand in Proofpoint (or Proofpoint's own sync did).
+    let mut pp = t
+        .sandbox
+        .proofpoint
+        .user(&t.sandbox.org, &edited.address)
+        .unwrap();
+    pp.is_active = false;
+    t.sandbox
+        .proofpoint
+        .upsert_user(&t.sandbox.org, pp)
+        .unwrap();
+
+    let state = StateStore::open(&t.app.config.worker.state_dir).unwrap();
+    let policy = t.app.policy.current();
+    let signer = t.app.config.signing.signer();
+    let sweeper = flagrelay::sweep::Sweeper {
+        config: &t.app.config,
+        graph: t.app.graph.as_ref(),
+        proofpoint: t.app.proofpoint.as_ref(),
+        queue: t.app.queue.as_ref(),
+        policy: policy.as_ref(),
+        signer: &signer,
+        state: &state,
+    };
+    let tenant = &t.app.config.tenants[0];
+    let dry = sweeper.sweep(tenant, true, &mut |_, _| {}).await.unwrap();
+    assert_eq!(dry.graph_users, 2);
+    assert_eq!(
+        dry.drifts
+            .iter()
+            .map(|d| d.address.as_str())
+            .collect::<Vec<_>>(),
+        vec![edited.address.as_str()]
+    );
+    assert_eq!(dry.queued, 0);
+    assert!(
+        flagrelay::sweep::render(&tenant.id, &dry, true).contains("would queue: is_active → true")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        t.sandbox.is_active(&edited),
+        Some(false),
+        "a dry run changes nothing"
+    );
+
+    let real = sweeper.sweep(tenant, false, &mut |_, _| {}).await.unwrap();
+    assert_eq!(real.queued, 1);
+    assert!(
+        eventually(CONVERGE, || t.sandbox.is_active(&edited) == Some(true)).await,
+        "repaired through the pipeline"
+    );
+    t.stop().await;
+}
