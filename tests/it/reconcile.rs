@@ -246,8 +246,17 @@ async fn the_drift_sweep_repairs_a_manual_edit_in_proofpoint() {
     // Graph throttles the sweep: it waits out Retry-After and goes on.
     t.sandbox.graph.throttle_next(2, Some(1));
     let real = sweeper.sweep(tenant, false, &mut |_, _| {}).await.unwrap();
-    let throttled = t.sandbox.graph.request_log().iter().filter(|r| r.status == 429).count();
-    assert_eq!(throttled, 2, "the sweep met the throttling and still finished");
+    let throttled = t
+        .sandbox
+        .graph
+        .request_log()
+        .iter()
+        .filter(|r| r.status == 429)
+        .count();
+    assert_eq!(
+        throttled, 2,
+        "the sweep met the throttling and still finished"
+    );
     assert_eq!(real.queued, 1);
     assert!(
         eventually(CONVERGE, || t.sandbox.is_active(&edited) == Some(true)).await,
