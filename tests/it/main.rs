@@ -8,6 +8,7 @@ mod support;
 
 mod pipeline;
 mod policy;
+mod properties;
 mod queue_conformance;
 mod receiver;
 mod reconcile;
