@@ -155,11 +155,7 @@ impl App {
     /// Declare the topology; a broker that is down now is not fatal (the backend declares
     /// again when it connects, and the receiver answers 503 meanwhile).
     async fn declare(&self) {
-        if !self.queue.durable() {
-            tracing::warn!(
-                "using the EMBEDDED queue: not durable, messages are lost when this process exits; set amqp.url for production"
-            );
-        }
+        // (The embedded queue warns that it is not durable when it is created.)
         if let Err(error) = self.queue.declare().await {
             tracing::error!(%error, "could not declare the queue topology now; will retry on reconnect");
         }

@@ -69,9 +69,35 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Inspect and repair the dead-letter queue (needs amqp.url).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Manage the Graph subscriptions (the leader also does this by itself).
     #[command(subcommand)]
     Subscriptions(SubscriptionsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// One line per dead letter: id, reason, attempts, when, type and subject.
+    List,
+    /// Headers and body of one dead letter.
+    Show { id: String },
+    /// Put dead letters back through the normal path (attempts start again).
+    Redrive {
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Message ids, as `dlq list` shows them.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+    },
+    /// Delete every dead letter.
+    Purge {
+        /// Confirm: dead letters are deleted for good.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,6 +246,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 });
                 reconcile_command(cfg, tenant, dry_run).await
             }
+            Err(code) => return code,
+        },
+        Command::Dlq(cmd) => match load(cli.config.as_deref()) {
+            Ok(cfg) => dlq_command(cmd, cfg).await,
             Err(code) => return code,
         },
         Command::Subscriptions(cmd) => match load(cli.config.as_deref()) {
@@ -505,6 +535,63 @@ async fn reconcile_command(
             .await?;
         bar.finish_and_clear();
         print!("{}", crate::sweep::render(&t.id, &report, dry_run));
+    }
+    Ok(())
+}
+
+async fn dlq_command(cmd: DlqCommand, cfg: Config) -> anyhow::Result<()> {
+    use crate::queue::{ATTEMPT_HEADER, DEAD_LETTERED_AT_HEADER, Redrive};
+    let app = App::from_config(cfg, QueueChoice::RabbitOnly)?;
+    let q = app.queue.as_ref();
+    let envelope =
+        |body: &[u8]| serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
+    match cmd {
+        DlqCommand::List => {
+            let letters = q.peek_dead_letters(10_000).await?;
+            println!(
+                "{:<38} {:<24} {:<8} {:<32} {:<45} subject",
+                "id", "reason", "attempts", "dead-lettered at", "type"
+            );
+            for d in &letters {
+                let env = envelope(&d.body);
+                println!(
+                    "{:<38} {:<24} {:<8} {:<32} {:<45} {}",
+                    d.message_id.as_deref().unwrap_or("-"),
+                    d.reason().unwrap_or("(broker: delivery limit)"),
+                    d.headers.get(ATTEMPT_HEADER).map_or("-", String::as_str),
+                    d.headers
+                        .get(DEAD_LETTERED_AT_HEADER)
+                        .map_or("-", String::as_str),
+                    env["type"].as_str().unwrap_or("(undecodable)"),
+                    env["subject"].as_str().unwrap_or("-"),
+                );
+            }
+            println!("{} dead letter(s)", letters.len());
+        }
+        DlqCommand::Show { id } => {
+            let letters = q.peek_dead_letters(10_000).await?;
+            let d = letters
+                .iter()
+                .find(|d| d.message_id.as_deref() == Some(id.as_str()))
+                .ok_or_else(|| anyhow::anyhow!("no dead letter with id {id}"))?;
+            for (k, v) in &d.headers {
+                println!("{k}: {v}");
+            }
+            println!();
+            match serde_json::from_slice::<serde_json::Value>(&d.body) {
+                Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+                Err(_) => println!("{}", String::from_utf8_lossy(&d.body)),
+            }
+        }
+        DlqCommand::Redrive { all, ids } => {
+            let which = if all { Redrive::All } else { Redrive::Ids(ids) };
+            let n = q.redrive_dead_letters(&which).await?;
+            println!("redriven: {n}");
+        }
+        DlqCommand::Purge { yes } => {
+            anyhow::ensure!(yes, "purging deletes every dead letter for good: add --yes");
+            println!("purged: {}", q.purge_dead_letters().await?);
+        }
     }
     Ok(())
 }

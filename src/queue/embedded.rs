@@ -206,6 +206,31 @@ impl Queue for EmbeddedQueue {
         Ok(state.dead.drain(..n).collect())
     }
 
+    async fn peek_dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        Ok(self.inner.lock().dead.iter().take(max).cloned().collect())
+    }
+
+    async fn redrive_dead_letters(&self, which: &super::Redrive) -> Result<usize, QueueError> {
+        let chosen: Vec<DeadLetter> = {
+            let mut state = self.inner.lock();
+            let all: Vec<DeadLetter> = state.dead.drain(..).collect();
+            let (chosen, kept): (Vec<_>, Vec<_>) = all.into_iter().partition(|d| which.wants(d));
+            state.dead = kept.into();
+            chosen
+        };
+        for d in &chosen {
+            self.publish(&d.redrive_copy()).await?;
+        }
+        Ok(chosen.len())
+    }
+
+    async fn purge_dead_letters(&self) -> Result<usize, QueueError> {
+        let mut state = self.inner.lock();
+        let n = state.dead.len();
+        state.dead.clear();
+        Ok(n)
+    }
+
     async fn ready(&self) -> bool {
         true
     }

@@ -194,6 +194,51 @@ impl DeadLetter {
     pub fn reason(&self) -> Option<&str> {
         self.headers.get(REASON_HEADER).map(String::as_str)
     }
+
+    /// The message as it goes back to the work queues on a redrive: same body and signature,
+    /// the dead-letter bookkeeping removed (attempts start again), the shard key read from
+    /// the envelope (tenant and subject).
+    pub fn redrive_copy(&self) -> Encoded {
+        let env: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        let shard_key = format!(
+            "{}/{}",
+            env["data"]["tenant_id"].as_str().unwrap_or(""),
+            env["subject"].as_str().unwrap_or("")
+        );
+        let mut headers = self.headers.clone();
+        for h in [
+            ATTEMPT_HEADER,
+            LAST_ERROR_HEADER,
+            REASON_HEADER,
+            DEAD_LETTERED_AT_HEADER,
+        ] {
+            headers.remove(h);
+        }
+        Encoded {
+            id: self.message_id.clone().unwrap_or_default(),
+            event_type: "",
+            shard_key,
+            body: self.body.clone(),
+            headers,
+        }
+    }
+}
+
+/// Which dead letters a redrive takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redrive {
+    All,
+    /// By message id.
+    Ids(Vec<String>),
+}
+
+impl Redrive {
+    pub fn wants(&self, d: &DeadLetter) -> bool {
+        match self {
+            Redrive::All => true,
+            Redrive::Ids(ids) => d.message_id.as_ref().is_some_and(|m| ids.contains(m)),
+        }
+    }
 }
 
 /// The broker seam.
@@ -219,6 +264,16 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
 
     /// Take up to `max` messages out of the dead-letter queue (they are removed).
     async fn take_dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError>;
+
+    /// Look at up to `max` dead letters without removing any.
+    async fn peek_dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError>;
+
+    /// Put the chosen dead letters back on the work queues (the normal path, attempts reset);
+    /// each leaves the dead-letter queue only once its copy is confirmed. Returns how many.
+    async fn redrive_dead_letters(&self, which: &Redrive) -> Result<usize, QueueError>;
+
+    /// Delete every dead letter; returns how many there were.
+    async fn purge_dead_letters(&self) -> Result<usize, QueueError>;
 
     /// Whether the broker is reachable now (readiness probe).
     async fn ready(&self) -> bool;

@@ -153,13 +153,8 @@ impl Queue for RabbitQueue {
                 let Some(message) = within(limit, "fetching a dead letter", get).await? else {
                     break;
                 };
-                let d = message.delivery;
-                last_tag = Some(d.delivery_tag);
-                taken.push(DeadLetter {
-                    message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
-                    headers: string_headers(d.properties.headers().as_ref()),
-                    body: Bytes::from(d.data),
-                });
+                last_tag = Some(message.delivery.delivery_tag);
+                taken.push(dead_letter(message.delivery));
             }
             if let Some(tag) = last_tag {
                 let ack = ch.basic_ack(tag, BasicAckOptions { multiple: true });
@@ -172,6 +167,75 @@ impl Queue for RabbitQueue {
         // but not acked goes back to the dead-letter queue.
         let _ = tokio::time::timeout(limit, ch.close(200, "taken".into())).await;
         fetched.map(|()| taken)
+    }
+
+    async fn peek_dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let limit = self.cfg.op_timeout();
+        let (link, _) = self.publisher.link(Instant::now() + limit, limit).await?;
+        let ch = within(limit, "opening a channel", link.connection.create_channel()).await?;
+        let queue = short(&self.cfg.topology.dead_queue())?;
+        let mut seen = Vec::new();
+        let fetched = async {
+            while seen.len() < max {
+                let get = ch.basic_get(queue.clone(), BasicGetOptions { no_ack: false });
+                let Some(message) = within(limit, "reading a dead letter", get).await? else {
+                    break;
+                };
+                seen.push(dead_letter(message.delivery));
+            }
+            Ok::<_, QueueError>(())
+        }
+        .await;
+        // Nothing was acknowledged: closing the channel puts every letter back.
+        let _ = tokio::time::timeout(limit, ch.close(200, "peeked".into())).await;
+        fetched.map(|()| seen)
+    }
+
+    async fn redrive_dead_letters(&self, which: &super::Redrive) -> Result<usize, QueueError> {
+        let limit = self.cfg.op_timeout();
+        let (link, _) = self.publisher.link(Instant::now() + limit, limit).await?;
+        let ch = within(limit, "opening a channel", link.connection.create_channel()).await?;
+        let queue = short(&self.cfg.topology.dead_queue())?;
+        let mut redriven = 0;
+        let result = async {
+            loop {
+                let get = ch.basic_get(queue.clone(), BasicGetOptions { no_ack: false });
+                let Some(message) = within(limit, "reading a dead letter", get).await? else {
+                    break;
+                };
+                let tag = message.delivery.delivery_tag;
+                let d = dead_letter(message.delivery);
+                if which.wants(&d) {
+                    // Confirmed on the work queues first, then removed from the dead letters.
+                    self.publish(&d.redrive_copy()).await?;
+                    within(
+                        limit,
+                        "removing a redriven dead letter",
+                        ch.basic_ack(tag, BasicAckOptions::default()),
+                    )
+                    .await?;
+                    redriven += 1;
+                }
+            }
+            Ok::<_, QueueError>(())
+        }
+        .await;
+        // Letters not chosen were never acknowledged and go back as they were.
+        let _ = tokio::time::timeout(limit, ch.close(200, "redriven".into())).await;
+        result.map(|()| redriven)
+    }
+
+    async fn purge_dead_letters(&self) -> Result<usize, QueueError> {
+        let limit = self.cfg.op_timeout();
+        let (link, _) = self.publisher.link(Instant::now() + limit, limit).await?;
+        let ch = within(limit, "opening a channel", link.connection.create_channel()).await?;
+        let purge = ch.queue_purge(
+            short(&self.cfg.topology.dead_queue())?,
+            lapin::options::QueuePurgeOptions::default(),
+        );
+        let n = within(limit, "purging the dead letters", purge).await;
+        let _ = tokio::time::timeout(limit, ch.close(200, "purged".into())).await;
+        n.map(|n| n as usize)
     }
 
     async fn ready(&self) -> bool {
@@ -235,6 +299,14 @@ impl Config {
 
     fn uri(&self) -> Result<AMQPUri, QueueError> {
         amqp_uri(self.url.expose_secret())
+    }
+}
+
+fn dead_letter(d: lapin::message::Delivery) -> DeadLetter {
+    DeadLetter {
+        message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+        headers: string_headers(d.properties.headers().as_ref()),
+        body: Bytes::from(d.data),
     }
 }
 

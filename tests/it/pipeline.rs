@@ -356,3 +356,64 @@ async fn queued_messages_for_one_user_are_coalesced_into_one_evaluation() {
     let _ = worker.await;
     t.stop().await;
 }
+
+#[tokio::test]
+async fn dead_letters_are_listed_without_loss_then_redriven_through_the_normal_path() {
+    use flagrelay::queue::Redrive;
+    for backend in [Backend::Rabbit, Backend::Embedded] {
+        let t = TestApp::start(
+            "redrive",
+            Options {
+                backend,
+                max_attempts: 2,
+                ..Options::default()
+            },
+        )
+        .await;
+        let u = t.sandbox.seed_user("parked", true, "end_user");
+        assert!(eventually(CONVERGE, || processed(&t) >= 1).await);
+        t.sandbox.proofpoint.fail_for(Duration::from_secs(60), 503);
+        t.sandbox.set_enabled(&u, false);
+        let q = t.app.queue.clone();
+        let mut letters = Vec::new();
+        for _ in 0..150 {
+            letters = q.peek_dead_letters(10).await.unwrap();
+            if !letters.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(letters.len(), 1, "{backend:?}");
+        assert_eq!(
+            q.peek_dead_letters(10).await.unwrap().len(),
+            1,
+            "{backend:?}: peeking removes nothing"
+        );
+        assert_eq!(
+            q.redrive_dead_letters(&Redrive::Ids(vec!["not-an-id".into()]))
+                .await
+                .unwrap(),
+            0
+        );
+
+        // The outage is over; the operator redrives the letter.
+        t.sandbox.proofpoint.clear_faults();
+        let id = letters[0].message_id.clone().unwrap();
+        assert_eq!(
+            q.redrive_dead_letters(&Redrive::Ids(vec![id]))
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(
+            eventually(CONVERGE, || t.sandbox.is_active(&u) == Some(false)).await,
+            "{backend:?}: applied after redrive"
+        );
+        assert!(
+            q.peek_dead_letters(10).await.unwrap().is_empty(),
+            "{backend:?}"
+        );
+        assert_eq!(q.purge_dead_letters().await.unwrap(), 0);
+        t.stop().await;
+    }
+}
