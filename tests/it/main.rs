@@ -6,6 +6,7 @@
 
 mod support;
 
+mod faults;
 mod pipeline;
 mod policy;
 mod properties;

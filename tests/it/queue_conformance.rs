@@ -585,120 +585,6 @@ mod rabbit_only {
         b.cleanup().await;
     }
 
-    /// A TCP proxy in front of the broker that can cut or freeze its connections.
-    struct Proxy {
-        port: u16,
-        conns: Arc<std::sync::Mutex<Vec<ProxyConn>>>,
-        accept: tokio::task::JoinHandle<()>,
-    }
-
-    struct ProxyConn {
-        kill: CancellationToken,
-        frozen: Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    impl Proxy {
-        async fn start() -> Self {
-            let url = url::Url::parse(&support::amqp_url()).unwrap();
-            let upstream = format!(
-                "{}:{}",
-                url.host_str().unwrap_or("127.0.0.1"),
-                url.port().unwrap_or(5672)
-            );
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let conns: Arc<std::sync::Mutex<Vec<ProxyConn>>> = Arc::default();
-            let registry = conns.clone();
-            let accept = tokio::spawn(async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                        continue;
-                    };
-                    let conn = ProxyConn {
-                        kill: CancellationToken::new(),
-                        frozen: Arc::default(),
-                    };
-                    tokio::spawn(pipe(client, server, conn.kill.clone(), conn.frozen.clone()));
-                    registry.lock().unwrap().push(conn);
-                }
-            });
-            Self {
-                port,
-                conns,
-                accept,
-            }
-        }
-
-        /// The broker's URL through the proxy, with a 2 s heartbeat: a consumer on a silent
-        /// connection stays the shard's single active consumer until the *broker* notices it
-        /// is gone, which takes two to three heartbeat intervals.
-        fn url(&self) -> SecretString {
-            let mut url = url::Url::parse(&support::amqp_url()).unwrap();
-            url.set_host(Some("127.0.0.1")).unwrap();
-            url.set_port(Some(self.port)).unwrap();
-            url.query_pairs_mut().append_pair("heartbeat", "2");
-            SecretString::from(url.to_string())
-        }
-
-        /// Close every current connection, as a broker crash or a network cut would.
-        fn kill_all(&self) {
-            for c in self.conns.lock().unwrap().drain(..) {
-                c.kill.cancel();
-            }
-        }
-
-        /// Stop forwarding on every current connection but keep the sockets open: a peer
-        /// that went silent (the case where lapin's streams neither end nor fail).
-        fn freeze_all(&self) {
-            for c in self.conns.lock().unwrap().iter() {
-                c.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-    }
-
-    impl Drop for Proxy {
-        fn drop(&mut self) {
-            self.accept.abort();
-            self.kill_all();
-        }
-    }
-
-    async fn pipe(
-        client: tokio::net::TcpStream,
-        server: tokio::net::TcpStream,
-        kill: CancellationToken,
-        frozen: Arc<std::sync::atomic::AtomicBool>,
-    ) {
-        let (cr, cw) = client.into_split();
-        let (sr, sw) = server.into_split();
-        tokio::select! {
-            _ = kill.cancelled() => {}
-            _ = copy(cr, sw, frozen.clone()) => {}
-            _ = copy(sr, cw, frozen) => {}
-        }
-    }
-
-    async fn copy(
-        mut from: tokio::net::tcp::OwnedReadHalf,
-        mut to: tokio::net::tcp::OwnedWriteHalf,
-        frozen: Arc<std::sync::atomic::AtomicBool>,
-    ) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if frozen.load(std::sync::atomic::Ordering::SeqCst) {
-                std::future::pending::<()>().await;
-            }
-            if to.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    }
-
     /// Publish until it works (the first publish after a cut may fail; the receiver answers
     /// 503 and Graph retries the same way).
     async fn publish_eventually(q: &RabbitQueue, m: &Encoded) {
@@ -718,7 +604,7 @@ mod rabbit_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn consumer_and_publisher_survive_cut_and_silent_connections() {
         support::require_broker().await;
-        let proxy = Proxy::start().await;
+        let proxy = support::Proxy::start().await;
         let mut s = settings(support::unique_prefix("reconnect"));
         s.publish_timeout = Duration::from_millis(700);
         let key = (0..)

@@ -91,11 +91,14 @@ pub enum TestQueue {
 }
 
 impl TestQueue {
-    pub async fn new(backend: Backend, name: &str) -> Self {
+    pub async fn new(backend: Backend, name: &str, url: Option<SecretString>) -> Self {
         match backend {
             Backend::Rabbit => {
                 require_broker().await;
-                Self::Rabbit(RabbitQueue::new(amqp_secret(), test_queue_settings(name)))
+                Self::Rabbit(RabbitQueue::new(
+                    url.unwrap_or_else(amqp_secret),
+                    test_queue_settings(name),
+                ))
             }
             Backend::Embedded => Self::Embedded(EmbeddedQueue::new(test_queue_settings(name))),
         }
@@ -132,6 +135,8 @@ pub struct Options {
     pub policy: Option<String>,
     /// Also serve [`TENANT_B`] → [`ORG_B`].
     pub second_tenant: bool,
+    /// Reach RabbitMQ at this URL instead (e.g. through a [`Proxy`]).
+    pub amqp_url: Option<SecretString>,
 }
 
 /// Mirror `accountEnabled`, with the breaker opened wide: for tests that deactivate most of
@@ -161,6 +166,7 @@ impl Default for Options {
             worker: true,
             policy: Some(MIRROR_NO_BREAKER.to_owned()),
             second_tenant: false,
+            amqp_url: None,
         }
     }
 }
@@ -192,7 +198,7 @@ impl TestApp {
         config.worker.backoff_base = Duration::from_millis(50);
         config.worker.backoff_max = Duration::from_millis(500);
         adjust(&mut config);
-        let test_queue = TestQueue::new(opts.backend, name).await;
+        let test_queue = TestQueue::new(opts.backend, name, opts.amqp_url.clone()).await;
         let queue = test_queue.shared();
         let graph = Arc::new(GraphClient::new(&config.graph).expect("graph client"));
         let pp =
@@ -285,5 +291,119 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
             return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A TCP proxy in front of the broker that can cut or freeze its connections.
+pub struct Proxy {
+    port: u16,
+    conns: Arc<std::sync::Mutex<Vec<ProxyConn>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyConn {
+    kill: CancellationToken,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start() -> Self {
+        let url = url::Url::parse(&amqp_url()).unwrap();
+        let upstream = format!(
+            "{}:{}",
+            url.host_str().unwrap_or("127.0.0.1"),
+            url.port().unwrap_or(5672)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<std::sync::Mutex<Vec<ProxyConn>>> = Arc::default();
+        let registry = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let conn = ProxyConn {
+                    kill: CancellationToken::new(),
+                    frozen: Arc::default(),
+                };
+                tokio::spawn(pipe(client, server, conn.kill.clone(), conn.frozen.clone()));
+                registry.lock().unwrap().push(conn);
+            }
+        });
+        Self {
+            port,
+            conns,
+            accept,
+        }
+    }
+
+    /// The broker's URL through the proxy, with a 2 s heartbeat: a consumer on a silent
+    /// connection stays the shard's single active consumer until the *broker* notices it
+    /// is gone, which takes two to three heartbeat intervals.
+    pub fn url(&self) -> SecretString {
+        let mut url = url::Url::parse(&amqp_url()).unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(self.port)).unwrap();
+        url.query_pairs_mut().append_pair("heartbeat", "2");
+        SecretString::from(url.to_string())
+    }
+
+    /// Close every current connection, as a broker crash or a network cut would.
+    pub fn kill_all(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.kill.cancel();
+        }
+    }
+
+    /// Stop forwarding on every current connection but keep the sockets open: a peer
+    /// that went silent (the case where lapin's streams neither end nor fail).
+    pub fn freeze_all(&self) {
+        for c in self.conns.lock().unwrap().iter() {
+            c.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.kill_all();
+    }
+}
+
+async fn pipe(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    kill: CancellationToken,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    tokio::select! {
+        _ = kill.cancelled() => {}
+        _ = copy(cr, sw, frozen.clone()) => {}
+        _ = copy(sr, cw, frozen) => {}
+    }
+}
+
+async fn copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
