@@ -9,6 +9,7 @@ mod support;
 mod faults;
 mod pipeline;
 mod policy;
+mod process;
 mod properties;
 mod queue_conformance;
 mod receiver;

@@ -365,3 +365,45 @@ async fn broker_unreachable_means_503_with_retry_after_and_nothing_is_acknowledg
         .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn a_client_that_stalls_mid_body_is_cut_off_and_the_receiver_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start_with(
+        "slowbody",
+        Options {
+            backend: Backend::Embedded,
+            subscribe: false,
+            worker: false,
+            ..Options::default()
+        },
+        |c| c.receiver.request_timeout = Duration::from_millis(500),
+    )
+    .await;
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /graph/notifications HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"value\":")
+        .await
+        .unwrap();
+    // ...and never sends the rest.
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut answer))
+        .await
+        .expect("cut off, not left hanging")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    // The server goes on serving others.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/graph/notifications", app.url))
+        .header("content-type", "application/json")
+        .body("{\"value\":[]}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    app.stop().await;
+}
