@@ -320,16 +320,34 @@ impl App {
 }
 
 impl App {
+    /// Drift-sweep one tenant with the policy in force (see [`crate::sweep`]).
+    pub async fn sweep(
+        &self,
+        tenant: &crate::config::TenantConfig,
+        dry_run: bool,
+        progress: &mut (dyn FnMut(usize, Option<usize>) + Send),
+    ) -> anyhow::Result<crate::sweep::SweepReport> {
+        let state = StateStore::open(&self.config.worker.state_dir)?;
+        let policy = self.policy.current();
+        let signer = self.config.signing.signer();
+        let sweeper = crate::sweep::Sweeper {
+            config: &self.config,
+            graph: self.graph.as_ref(),
+            proofpoint: self.proofpoint.as_ref(),
+            queue: self.queue.as_ref(),
+            policy: policy.as_ref(),
+            signer: &signer,
+            state: &state,
+        };
+        Ok(sweeper.sweep(tenant, dry_run, progress).await?)
+    }
+
     /// The scheduled drift sweep (every `leader.sweep_every`, while leading).
     async fn sweep_on_schedule(
         self,
         mut leader: tokio::sync::watch::Receiver<bool>,
         shutdown: CancellationToken,
     ) {
-        let Ok(state) = StateStore::open(&self.config.worker.state_dir) else {
-            return;
-        };
-        let signer = self.config.signing.signer();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -338,18 +356,8 @@ impl App {
             if !*leader.borrow_and_update() {
                 continue;
             }
-            let policy = self.policy.current();
-            let sweeper = crate::sweep::Sweeper {
-                config: &self.config,
-                graph: self.graph.as_ref(),
-                proofpoint: self.proofpoint.as_ref(),
-                queue: self.queue.as_ref(),
-                policy: policy.as_ref(),
-                signer: &signer,
-                state: &state,
-            };
             for tenant in &self.config.tenants {
-                match sweeper
+                match self
                     .sweep(tenant, self.config.worker.dry_run, &mut |_, _| {})
                     .await
                 {
@@ -357,7 +365,7 @@ impl App {
                         tracing::info!(tenant_id = %tenant.id, users = r.graph_users, drifts = r.drifts.len(), queued = r.queued, "drift sweep")
                     }
                     Err(e) => {
-                        tracing::error!(tenant_id = %tenant.id, error = %e, "drift sweep failed")
+                        tracing::error!(tenant_id = %tenant.id, error = format!("{e:#}"), "drift sweep failed")
                     }
                 }
             }

@@ -496,18 +496,6 @@ async fn reconcile_command(
         );
     }
     let app = App::from_config(cfg, QueueChoice::RabbitOrEmbedded)?;
-    let state = crate::state::StateStore::open(&app.config.worker.state_dir)?;
-    let policy = app.policy.current();
-    let signer = app.config.signing.signer();
-    let sweeper = crate::sweep::Sweeper {
-        config: &app.config,
-        graph: app.graph.as_ref(),
-        proofpoint: app.proofpoint.as_ref(),
-        queue: app.queue.as_ref(),
-        policy: policy.as_ref(),
-        signer: &signer,
-        state: &state,
-    };
     let tenants: Vec<_> = app
         .config
         .tenants
@@ -527,7 +515,7 @@ async fn reconcile_command(
         } else {
             indicatif::ProgressBar::hidden()
         };
-        let report = sweeper
+        let report = app
             .sweep(t, dry_run, &mut |done, _| {
                 bar.set_message(format!("sweeping tenant {}: {done} users read", t.id));
                 bar.tick();

@@ -210,20 +210,8 @@ async fn the_drift_sweep_repairs_a_manual_edit_in_proofpoint() {
         .upsert_user(&t.sandbox.org, pp)
         .unwrap();
 
-    let state = StateStore::open(&t.app.config.worker.state_dir).unwrap();
-    let policy = t.app.policy.current();
-    let signer = t.app.config.signing.signer();
-    let sweeper = flagrelay::sweep::Sweeper {
-        config: &t.app.config,
-        graph: t.app.graph.as_ref(),
-        proofpoint: t.app.proofpoint.as_ref(),
-        queue: t.app.queue.as_ref(),
-        policy: policy.as_ref(),
-        signer: &signer,
-        state: &state,
-    };
     let tenant = &t.app.config.tenants[0];
-    let dry = sweeper.sweep(tenant, true, &mut |_, _| {}).await.unwrap();
+    let dry = t.app.sweep(tenant, true, &mut |_, _| {}).await.unwrap();
     assert_eq!(dry.graph_users, 2);
     assert_eq!(
         dry.drifts
@@ -245,7 +233,7 @@ async fn the_drift_sweep_repairs_a_manual_edit_in_proofpoint() {
 
     // Graph throttles the sweep: it waits out Retry-After and goes on.
     t.sandbox.graph.throttle_next(2, Some(1));
-    let real = sweeper.sweep(tenant, false, &mut |_, _| {}).await.unwrap();
+    let real = t.app.sweep(tenant, false, &mut |_, _| {}).await.unwrap();
     let throttled = t
         .sandbox
         .graph
