@@ -20,7 +20,7 @@ use crate::proofpoint::{PpError, ProofpointApi};
 use crate::queue::{Queue, QueueError};
 use crate::state::StateStore;
 use crate::worker::converge::Plan;
-use crate::worker::gather::Gathered;
+use crate::worker::gather::{complete, on_list};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -106,39 +106,23 @@ impl Sweeper<'_> {
                     continue;
                 };
                 let state = self.state.user(&tenant.id, &user.id).unwrap_or_default();
-                let groups = if needs.groups {
-                    self.graph.member_of(&tenant.id, &user.id).await?
-                } else {
-                    None
-                };
-                let mailbox_purpose = if needs.mailbox_purpose {
-                    Some(
-                        self.graph
-                            .mailbox_purpose(&tenant.id, &user.id)
-                            .await?
-                            .unwrap_or_default(),
-                    )
-                } else {
-                    None
-                };
-                let exempt = exemptions
-                    .as_ref()
-                    .map(|list| list.iter().any(|e| e.eq_ignore_ascii_case(&address)));
-                let g = Gathered {
-                    user: user.clone(),
-                    address: address.clone(),
-                    proofpoint: pp.clone(),
-                    groups,
-                    mailbox_purpose,
+                let exempt = exemptions.as_deref().map(|list| on_list(list, &address));
+                let g = complete(
+                    self.graph,
+                    &tenant.id,
+                    user.clone(),
+                    address,
+                    pp.clone(),
+                    &needs,
                     exempt,
-                    leave_date_fetched: needs.leave_date,
-                };
+                )
+                .await?;
                 let decision = self.policy.decide(&g.facts(state.disabled_since), now);
                 let plan = Plan::new(&decision, pp.is_active, exempt, state.exemption_added);
                 if !plan.is_empty() {
                     report.drifts.push(Drift {
                         user_id: user.id.clone(),
-                        address,
+                        address: g.address.clone(),
                         is_active: pp.is_active,
                         exempt,
                         action: decision.action.as_str().to_owned(),

@@ -60,6 +60,30 @@ pub async fn gather(
         .get_user(org, &address)
         .await?
         .ok_or_else(|| GatherError::UnknownToProofpoint(address.clone()))?;
+    let exempt = if needs.exemptions || exemption_added {
+        Some(on_list(&proofpoint.exemptions(org).await?, &address))
+    } else {
+        None
+    };
+    Ok(complete(graph, tenant_id, user, address, pp_user, needs, exempt).await?)
+}
+
+/// Whether `address` is on an exemption list.
+pub fn on_list(exemptions: &[String], address: &str) -> bool {
+    exemptions.iter().any(|e| e.eq_ignore_ascii_case(address))
+}
+
+/// The rest of the facts for a user already read (one by one, or from bulk listings as the
+/// drift sweep does): group membership and mailbox purpose, when the policy needs them.
+pub async fn complete(
+    graph: &dyn GraphApi,
+    tenant_id: &str,
+    user: GraphUser,
+    address: String,
+    proofpoint: PpUser,
+    needs: &Needs,
+    exempt: Option<bool>,
+) -> Result<Gathered, GraphError> {
     // Use the id Graph returned: the caller may have named the user by UPN.
     let groups = if needs.groups {
         graph.member_of(tenant_id, &user.id).await?
@@ -77,21 +101,10 @@ pub async fn gather(
     } else {
         None
     };
-    let exempt = if needs.exemptions || exemption_added {
-        Some(
-            proofpoint
-                .exemptions(org)
-                .await?
-                .iter()
-                .any(|e| e.eq_ignore_ascii_case(&address)),
-        )
-    } else {
-        None
-    };
     Ok(Gathered {
         user,
         address,
-        proofpoint: pp_user,
+        proofpoint,
         groups,
         mailbox_purpose,
         exempt,
