@@ -12,6 +12,7 @@ mod policy;
 mod process;
 mod properties;
 mod queue_conformance;
+mod rabbit_node;
 mod receiver;
 mod reconcile;
 mod schemas;
