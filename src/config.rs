@@ -645,6 +645,19 @@ impl Config {
         if self.worker.max_attempts == 0 {
             return Err(invalid("worker.max_attempts", "must be at least 1"));
         }
+        // A retry waits in the smallest tier not shorter than its delay; a backoff longer
+        // than every tier would silently be cut to the largest one.
+        if let Some(largest) = self.amqp.retry_tiers.last()
+            && self.worker.backoff_max > *largest
+        {
+            return Err(invalid(
+                "worker.backoff_max",
+                format!(
+                    "must not exceed the largest of amqp.retry_tiers ({})",
+                    humantime::format_duration(*largest)
+                ),
+            ));
+        }
         if let Some(path) = &self.policy.file
             && !path.is_file()
         {
@@ -929,5 +942,13 @@ mod tests {
             redact_url("amqp://guest:guest@localhost:5672/%2f"),
             "amqp://guest:***@localhost:5672/%2f"
         );
+    }
+    #[test]
+    fn a_backoff_longer_than_every_retry_tier_is_refused() {
+        let err = with("[worker]\nbackoff_max = \"1h\"\n[amqp]\nretry_tiers = [\"1s\", \"10m\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`worker.backoff_max`"), "{err}");
+        assert!(err.contains("10m"), "{err}");
     }
 }

@@ -4,7 +4,9 @@
 //! cached per tenant and refreshed ahead of expiry (5 minutes, or a tenth of the lifetime
 //! when that is shorter), one refresh at a time per tenant. A 401 from Graph drops the cached
 //! token and retries once (tokens can be revoked). Throttling is *not* retried here: the
-//! worker's queue retry does that, honouring [`GraphError::retry_after`].
+//! worker's queue retry does that, honouring [`GraphError::retry_after`]. A `Retry-After`
+//! holds for the whole tenant (Graph throttles per app and tenant): until it has passed, no
+//! request for that tenant is sent; each fails at once as throttled, with the time left.
 //!
 //! All status handling is in `into_result`; nothing else looks at status codes except to
 //! read `404` as "no such user" (or, for mailbox settings, "no mailbox"; for deleting a
@@ -115,6 +117,8 @@ pub struct GraphClient {
     request_timeout: Duration,
     /// Keyed by lower-cased tenant id (tenant GUIDs compare case-insensitively).
     tokens: Mutex<HashMap<String, TokenSlot>>,
+    /// Per lower-cased tenant id: no request before this (Graph's last `Retry-After`).
+    throttled_until: Mutex<HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for GraphClient {
@@ -181,6 +185,7 @@ impl GraphClient {
             client_secret: s.client_secret,
             request_timeout: s.request_timeout,
             tokens: Mutex::new(HashMap::new()),
+            throttled_until: Mutex::new(HashMap::new()),
         })
     }
 
@@ -321,6 +326,45 @@ impl GraphClient {
         })
     }
 
+    /// Refuse to send while the tenant's last `Retry-After` has not passed.
+    fn check_throttle(&self, tenant_id: &str) -> Result<(), GraphError> {
+        let key = tenant_id.to_ascii_lowercase();
+        let mut gates = self
+            .throttled_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match gates
+            .get(&key)
+            .map(|until| until.checked_duration_since(Instant::now()))
+        {
+            Some(Some(left)) if !left.is_zero() => Err(GraphError::Throttled {
+                status: 429,
+                retry_after: Some(left),
+            }),
+            Some(_) => {
+                gates.remove(&key);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Hold every request for `tenant_id` back for `wait` (never shortening a longer hold).
+    fn throttle(&self, tenant_id: &str, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut gates = self
+            .throttled_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let slot = gates.entry(tenant_id.to_ascii_lowercase()).or_insert(until);
+        *slot = (*slot).max(until);
+        tracing::warn!(
+            tenant = tenant_id,
+            retry_after_ms = wait.as_millis() as u64,
+            "graph is throttling this tenant; holding its requests back"
+        );
+    }
+
     /// Send an authenticated API request built by `build` (called again for the one retry
     /// after a 401), with a fresh `client-request-id` each time.
     async fn send(
@@ -342,6 +386,7 @@ impl GraphClient {
     ) -> Result<reqwest::Response, GraphError> {
         let mut retried_401 = false;
         loop {
+            self.check_throttle(tenant_id)?;
             let token = self.access_token(tenant_id).await?;
             let client_request_id = uuid::Uuid::new_v4().to_string();
             let request = build(&self.http)
@@ -379,6 +424,16 @@ impl GraphClient {
                 "graph response"
             );
             match into_result(resp, endpoint).await {
+                Err(GraphError::Throttled {
+                    status,
+                    retry_after: Some(wait),
+                }) => {
+                    self.throttle(tenant_id, wait);
+                    return Err(GraphError::Throttled {
+                        status,
+                        retry_after: Some(wait),
+                    });
+                }
                 Err(GraphError::Unauthorized { status: 401, .. }) if !retried_401 => {
                     tracing::info!(
                         tenant = tenant_id,

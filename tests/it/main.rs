@@ -7,6 +7,7 @@
 mod support;
 
 mod faults;
+mod outages;
 mod pipeline;
 mod policy;
 mod process;

@@ -297,8 +297,21 @@ async fn throttling_server_errors_and_rejections_are_classified() {
     assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
     assert!(err.is_retryable());
 
+    // The Retry-After holds for the whole tenant: the next request is not even sent, and
+    // says how long is left.
+    let sent = f.sim.request_log().len();
+    let err = f.client.member_of(TENANT, ALICE).await.unwrap_err();
+    assert!(
+        matches!(err, GraphError::Throttled { status: 429, retry_after: Some(left) }
+            if left <= Duration::from_secs(7) && left > Duration::from_secs(5)),
+        "{err:?}"
+    );
+    assert_eq!(f.sim.request_log().len(), sent, "nothing reached Graph");
+
+    // A client that was not throttled (another process) sees the next faults as they come.
+    let client = client_for(&f.server, SECRET, Duration::from_secs(5));
     f.sim.throttle_next(1, None);
-    let err = f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+    let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -311,28 +324,28 @@ async fn throttling_server_errors_and_rejections_are_classified() {
     );
 
     f.sim.fail_next(1, 503).unwrap();
-    let err = f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+    let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
     assert!(
         matches!(err, GraphError::Throttled { status: 503, .. }),
         "{err:?}"
     );
 
     f.sim.fail_next(1, 500).unwrap();
-    let err = f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+    let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
     assert!(
         matches!(&err, GraphError::Server { status: 500, body } if body.contains("generalException")),
         "{err:?}"
     );
 
     f.sim.fail_next(1, 403).unwrap();
-    let err = f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+    let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
     assert!(
         matches!(err, GraphError::Unauthorized { status: 403, .. }),
         "{err:?}"
     );
 
     f.sim.fail_next(1, 400).unwrap();
-    let err = f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+    let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
     assert!(
         matches!(err, GraphError::Rejected { status: 400, .. }),
         "{err:?}"
@@ -341,7 +354,7 @@ async fn throttling_server_errors_and_rejections_are_classified() {
 
     // The client itself never retried any of these.
     assert!(
-        f.client
+        client
             .get_user(TENANT, ALICE, &["id"])
             .await
             .unwrap()
@@ -704,6 +717,11 @@ async fn new_operations_see_injected_faults() {
     f.sim.throttle_next(1, Some(4));
     let err = f.client.member_of(TENANT, ALICE).await.unwrap_err();
     assert_eq!(err.retry_after(), Some(Duration::from_secs(4)));
+    // The throttled client holds its requests back; a fresh one sees the next faults.
+    let f = Fixture {
+        client: client_for(&f.server, SECRET, Duration::from_secs(5)),
+        ..f
+    };
     f.sim.fail_next(1, 503).unwrap();
     let err = f.client.mailbox_purpose(TENANT, ALICE).await.unwrap_err();
     assert!(
