@@ -170,10 +170,16 @@ impl App {
         self.declare().await;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "receiver listening");
-        axum::serve(listener, self.receiver_router())
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .context("receiver failed")
+        let timeout = self.config.receiver.request_timeout;
+        receiver::serve(
+            listener,
+            self.receiver_router(),
+            timeout,
+            timeout + Duration::from_secs(5),
+            shutdown,
+        )
+        .await;
+        Ok(())
     }
 
     /// Run a worker until `shutdown`.

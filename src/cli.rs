@@ -218,6 +218,17 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
     })
 }
 
+/// [`load`], and the policy file parsed too: for the commands that decide (a broken policy
+/// is a configuration error, exit 2, not something to find out at the first message).
+fn load_with_policy(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    let cfg = load(path)?;
+    if let Err(e) = crate::app::load_policy(&cfg) {
+        eprintln!("error: invalid configuration value for `policy.file`: {e:#}");
+        return Err(ExitCode::from(2));
+    }
+    Ok(cfg)
+}
+
 async fn dispatch(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => {
@@ -263,7 +274,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             Ok(cfg) => breaker_command(cmd, &cfg),
             Err(code) => return code,
         },
-        Command::CheckConfig => match load(cli.config.as_deref()) {
+        Command::CheckConfig => match load_with_policy(cli.config.as_deref()) {
             Ok(cfg) => {
                 println!("configuration is valid:\n{cfg:#?}");
                 Ok(())
@@ -271,7 +282,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             Err(code) => return code,
         },
         Command::Serve | Command::Work { .. } | Command::Run { .. } => {
-            let mut cfg = match load(cli.config.as_deref()) {
+            let mut cfg = match load_with_policy(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };

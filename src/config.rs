@@ -124,7 +124,8 @@ pub struct ReceiverConfig {
     /// `Retry-After` sent with 503 when the broker cannot take the batch.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
-    /// Time allowed to read a whole request (slow clients are cut off with 408).
+    /// Time allowed to send the request headers (then the connection is closed) and, from
+    /// then on, to send the body and be answered (then `408`): slow clients are cut off.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
 }

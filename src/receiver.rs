@@ -104,6 +104,68 @@ pub fn router(state: ReceiverState, settings: &ReceiverSettings) -> Router {
         .with_state(state)
 }
 
+/// Serve `router` on `listener` until `shutdown`; then stop accepting and let the requests in
+/// flight finish (for at most `drain`).
+///
+/// This is `axum::serve` plus what a listener facing the internet needs: a client that has not
+/// sent its request headers within `header_timeout` is disconnected (a slow or stalled
+/// client, deliberate or not, holds a connection and a task only that long). Bodies are
+/// bounded by the router's own timeout.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    drain: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: pause rather than spin.
+                Err(error) => {
+                    tracing::warn!(%error, "could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let connection = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(router.clone()),
+            )
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "requests still in flight at the shutdown deadline; closing"
+        );
+    }
+}
+
 /// Why a request was refused, mapped to a status in one place.
 #[derive(Debug, thiserror::Error)]
 enum WebhookError {

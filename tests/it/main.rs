@@ -7,6 +7,7 @@
 mod support;
 
 mod faults;
+mod hostile;
 mod outages;
 mod pipeline;
 mod policy;

@@ -147,6 +147,52 @@ shards = 0
     assert!(err.contains("`amqp.shards`"), "{err}");
 }
 
+#[test]
+fn a_broken_policy_file_is_refused_at_start_with_exit_code_2_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"typo\"\nwhen = { acount_enabled = false }\naction = \"deactivate\"\n",
+    )
+    .unwrap();
+    let path = dir.path().join("flagrelay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[graph]
+client_id = "app"
+client_secret = "secret-value"
+client_state = "client-state-at-least-16"
+[proofpoint]
+username = "admin@example.com"
+password = "pw"
+[signing]
+key = "0123456789abcdef0123456789abcdef"
+[[tenants]]
+id = "t1"
+org_domain = "example.com"
+[policy]
+file = "{}"
+"#,
+            policy.display()
+        ),
+    )
+    .unwrap();
+    for command in ["check-config", "run"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flagrelay"))
+            .args(["--config", path.to_str().unwrap(), command])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("`policy.file`"), "{command}: {err}");
+        assert!(err.contains("acount_enabled"), "{command}: {err}");
+        assert!(err.contains("policy.toml:3:"), "{command}: the line is named: {err}");
+    }
+}
+
 /// A `flagrelay` child process; SIGKILLed when dropped.
 struct Proc(tokio::process::Child);
 
@@ -321,7 +367,7 @@ async fn a_worker_process_killed_mid_batch_has_its_messages_redelivered_to_anoth
 url = "{}"
 prefix = "{prefix}"
 shards = 4
-retry_tiers = ["100ms", "300ms", "1s"]
+retry_tiers = ["100ms", "300ms", "1s", "10m"]
 [leader]
 delta_interval = "1h"
 subscription_check_every = "1h"

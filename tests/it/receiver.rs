@@ -407,3 +407,55 @@ async fn a_client_that_stalls_mid_body_is_cut_off_and_the_receiver_keeps_serving
     assert_eq!(resp.status().as_u16(), 202);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stalls_in_its_headers_is_disconnected_and_the_receiver_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start_with(
+        "slowheaders",
+        Options {
+            backend: Backend::Embedded,
+            subscribe: false,
+            worker: false,
+            ..Options::default()
+        },
+        |c| c.receiver.request_timeout = Duration::from_millis(500),
+    )
+    .await;
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    // Many such clients at once, each sending half its headers and then nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"POST /graph/notifications HTTP/1.1\r\nhost: x\r\ncontent-ty")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    for mut s in stalled {
+        let mut buf = vec![0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            // Whatever hyper says before closing (possibly a 408), then end of stream.
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "a client stalled in its headers was not cut off"
+        );
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("{}/graph/notifications", app.url))
+        .header("content-type", "application/json")
+        .body("{\"value\":[]}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "the receiver keeps serving");
+    app.stop().await;
+}
