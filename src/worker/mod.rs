@@ -366,7 +366,11 @@ impl Worker {
         }
         let detail = detail_of(outcome);
         let rule = match outcome {
-            Outcome::Skipped { reason, .. } | Outcome::Held { reason, .. } => reason.clone(),
+            Outcome::Skipped { reason, detail } if !detail.reason.is_empty() => {
+                format!("{reason}: {}", detail.reason)
+            }
+            Outcome::Skipped { reason, .. } => reason.clone(),
+            Outcome::Held { reason, .. } => format!("held by the breaker: {reason}"),
             Outcome::Transient { error, .. } => error.clone(),
             Outcome::Permanent { reason, .. } => (*reason).to_owned(),
             _ => detail.map(|d| d.reason.clone()).unwrap_or_default(),
