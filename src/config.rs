@@ -1002,6 +1002,21 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type
+    fn the_admin_listener_is_set_or_turned_off_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", VALID)?;
+            jail.set_env("FLAGRELAY_ADMIN__LISTEN", "0.0.0.0:9191");
+            let c = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.admin.listen, Some("0.0.0.0:9191".parse().unwrap()));
+            jail.set_env("FLAGRELAY_ADMIN__LISTEN", "off");
+            let c = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.admin.listen, None);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn the_removed_metrics_listen_points_at_admin_listen() {
         let err = with("[worker]\nmetrics_listen = \"0.0.0.0:9090\"").unwrap_err();
         let text = err.to_string();
