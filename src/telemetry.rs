@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use tracing_subscriber::EnvFilter;
 
 use crate::queue::Depths;
@@ -259,7 +259,7 @@ impl Metrics {
         r.register_with_unit(
             "flagrelay_publish_confirm",
             "Time from publishing a notification item to the broker's confirm.",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             m.publish_confirm_seconds.clone(),
         );
         r.register(
@@ -270,13 +270,13 @@ impl Metrics {
         r.register_with_unit(
             "flagrelay_latency_from_receipt",
             "Time from flagrelay receiving a change (or a recheck falling due) to the Proofpoint write, by origin.",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             m.latency_from_receipt.clone(),
         );
         r.register_with_unit(
             "flagrelay_latency_from_event_time",
             "Time from Graph's eventTime of a notification to the Proofpoint write.",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             m.latency_from_event_time.clone(),
         );
         r.register(
@@ -307,13 +307,13 @@ impl Metrics {
         r.register_with_unit(
             "flagrelay_subscription_expiry",
             "Seconds until the tenant's Graph subscription expires (leader only).",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             m.subscription_expiry.clone(),
         );
         r.register_with_unit(
             "flagrelay_delta_lag",
             "Seconds since the tenant's last successful delta sync (leader only).",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             m.delta_lag.clone(),
         );
         Self { registry: r, ..m }

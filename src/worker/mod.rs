@@ -356,6 +356,7 @@ impl Worker {
             .not_before
             .map_or(cause.received_at, |due| due.max(cause.received_at));
         if matches!(outcome, Outcome::Applied { .. }) && !self.settings.dry_run {
+            // The origin by its wire name (`notification`, `delta`, ...).
             let origin = serde_json::to_value(cause.origin)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
