@@ -1,7 +1,8 @@
 //! Wiring: builds the queue, API clients, policy and metrics from a [`Config`], and runs the
 //! receiver, the worker, or both until the shutdown token is cancelled.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -32,6 +33,29 @@ pub struct App {
     pub proofpoint: Arc<dyn ProofpointApi>,
     pub policy: Arc<SharedPolicy>,
     pub metrics: Arc<Metrics>,
+    /// Where the admin listener listens, once bound (`admin.listen` may ask for port 0).
+    admin_addr: Arc<OnceLock<SocketAddr>>,
+}
+
+/// The part a long-running process plays: decides what its admin probe checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `serve`: receiver only; ready when the broker is.
+    Serve,
+    /// `work`: worker (and leader candidate); needs the broker, Graph and Proofpoint.
+    Work,
+    /// `run`: both in one process.
+    Run,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Serve => "serve",
+            Role::Work => "work",
+            Role::Run => "run",
+        }
+    }
 }
 
 /// Which queue backend a command may use.
@@ -78,6 +102,7 @@ impl App {
             proofpoint,
             policy,
             metrics: Arc::new(Metrics::default()),
+            admin_addr: Arc::default(),
         })
     }
 
@@ -161,8 +186,18 @@ impl App {
         }
     }
 
-    /// Run the receiver on `listener` until `shutdown`; in-flight requests finish first.
+    /// Run the receiver on `listener`, and the admin listener, until `shutdown`; in-flight
+    /// requests finish first.
     pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.start_admin(Role::Serve, shutdown.clone()).await?;
+        self.receive(listener, shutdown).await
+    }
+
+    async fn receive(
         &self,
         listener: TcpListener,
         shutdown: CancellationToken,
@@ -182,33 +217,81 @@ impl App {
         Ok(())
     }
 
-    /// Run a worker until `shutdown`.
+    /// Run a worker, and the admin listener, until `shutdown`.
     pub async fn work(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.declare().await;
         let worker = self.worker()?;
+        self.start_admin(Role::Work, shutdown.clone()).await?;
         self.check_permissions().await;
         self.reload_on_sighup(shutdown.clone());
-        if let Some(addr) = self.config.worker.metrics_listen {
-            let listener = TcpListener::bind(addr).await.with_context(|| {
-                format!("invalid configuration value for `worker.metrics_listen`: cannot listen on {addr}")
-            })?;
-            let metrics = self.metrics.clone();
-            let router = axum::Router::new()
-                .route("/healthz", axum::routing::get(|| async { "ok" }))
-                .route(
-                    "/metrics",
-                    axum::routing::get(move || async move { metrics.render() }),
-                );
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, router)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-            });
-            tracing::info!(%addr, "worker metrics listening");
-        }
         self.lead(shutdown.clone());
         worker.run(shutdown).await.context("worker failed")
+    }
+
+    /// The admin routes of a process playing `role`, for serving or for calling directly.
+    pub fn admin_router(&self, role: Role) -> axum::Router {
+        crate::admin::router(crate::admin::AdminState {
+            metrics: self.metrics.clone(),
+            role: role.name(),
+        })
+    }
+
+    /// The admin listener's address once it is bound; `None` before, or when `admin.listen`
+    /// is "off".
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr.get().copied()
+    }
+
+    /// The background checks for a process playing `role`.
+    pub fn probe(&self, role: Role) -> crate::admin::probe::Probe {
+        let calls_apis = role != Role::Serve;
+        let tenants = &self.config.tenants;
+        crate::admin::probe::Probe {
+            queue: self.queue.clone(),
+            graph: calls_apis.then(|| {
+                (
+                    self.graph.clone(),
+                    tenants.iter().map(|t| t.id.clone()).collect(),
+                )
+            }),
+            proofpoint: calls_apis.then(|| {
+                let orgs = tenants.iter().map(|t| self.config.org_access(t)).collect();
+                (self.proofpoint.clone(), orgs)
+            }),
+            state: if calls_apis {
+                StateStore::open(&self.config.worker.state_dir).ok()
+            } else {
+                None
+            },
+            metrics: self.metrics.clone(),
+            every: self.config.admin.check_every,
+        }
+    }
+
+    /// Start the probe, and the admin listener unless `admin.listen` is "off", until
+    /// `shutdown`. The probe runs either way: the receiver's `/readyz` reads its result.
+    async fn start_admin(&self, role: Role, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tokio::spawn(self.probe(role).run(shutdown.clone()));
+        let Some(addr) = self.config.admin.listen else {
+            tracing::info!("admin listener off (admin.listen = \"off\")");
+            return Ok(());
+        };
+        let listener = TcpListener::bind(addr).await.with_context(|| {
+            format!("invalid configuration value for `admin.listen`: cannot listen on {addr}")
+        })?;
+        let bound = listener.local_addr()?;
+        let _ = self.admin_addr.set(bound);
+        let router = self.admin_router(role);
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+            {
+                tracing::error!(%error, "admin listener failed");
+            }
+        });
+        tracing::info!(addr = %bound, "admin listener: /healthz /readyz /metrics and the status page at /");
+        Ok(())
     }
 
     /// Take part in leader election; while leading, manage subscriptions and poll delta.
@@ -229,7 +312,17 @@ impl App {
             select: self.policy.current().needs().user_select(),
             interval: self.config.leader.delta_interval,
         };
-        tokio::spawn(reconciler.run(lease.clone(), shutdown.clone()));
+        let metrics = self.metrics.clone();
+        let mut leading = lease.clone();
+        tokio::spawn(async move {
+            loop {
+                metrics.set_leader(*leading.borrow_and_update());
+                if leading.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(reconciler.run(lease.clone(), self.metrics.clone(), shutdown.clone()));
         tokio::spawn(
             self.clone()
                 .sweep_on_schedule(lease.clone(), shutdown.clone()),
@@ -242,7 +335,12 @@ impl App {
                 renew_before: app.config.leader.subscription_renew_before,
             };
             manager
-                .run(app.config.leader.subscription_check_every, lease, shutdown)
+                .run(
+                    app.config.leader.subscription_check_every,
+                    lease,
+                    &app.metrics,
+                    shutdown,
+                )
                 .await;
         });
     }
@@ -254,11 +352,12 @@ impl App {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let worker = self.worker()?;
+        self.start_admin(Role::Run, shutdown.clone()).await?;
         self.check_permissions().await;
         self.reload_on_sighup(shutdown.clone());
         self.lead(shutdown.clone());
         let (served, worked) = tokio::join!(
-            self.serve(listener, shutdown.clone()),
+            self.receive(listener, shutdown.clone()),
             worker.run(shutdown.clone())
         );
         served?;

@@ -33,6 +33,7 @@ const SECTIONS: &[&str] = &[
     "signing",
     "worker",
     "log",
+    "admin",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,31 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub leader: LeaderConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+}
+
+/// The operator's listener: health, readiness, Prometheus metrics and the status page. Kept
+/// off the public webhook listener, which Graph (and so the internet) reaches.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener, or `"off"` for none. Every long-running role (`serve`,
+    /// `work`, `run`) starts it.
+    #[serde(with = "listen_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// How often readiness (broker, Graph token, Proofpoint credentials), queue depths and the
+    /// breaker state are checked; `/readyz` and `/metrics` answer from the last check.
+    #[serde(with = "humantime_serde")]
+    pub check_every: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some("127.0.0.1:9090".parse().expect("valid default")),
+            check_every: Duration::from_secs(15),
+        }
+    }
 }
 
 /// What the leader (one process of the deployment, elected through RabbitMQ) does.
@@ -419,9 +445,11 @@ pub struct WorkerConfig {
     /// How often a deactivation held by the tripped breaker is looked at again.
     #[serde(with = "humantime_serde")]
     pub breaker_recheck: Duration,
-    /// `flagrelay work` only: serve `/metrics` and `/healthz` here (the receiver serves its
-    /// own; `run` shares the receiver's).
-    pub metrics_listen: Option<SocketAddr>,
+    /// Removed (the admin listener serves `/metrics` for every role): kept only so that a
+    /// file that still sets it is refused with a pointer to `admin.listen`.
+    #[doc(hidden)]
+    #[serde(skip_serializing)]
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -673,6 +701,16 @@ impl Config {
                 "must be at least 1s (Graph throttles)",
             ));
         }
+        if self.worker.metrics_listen.is_some() {
+            return Err(invalid(
+                "worker.metrics_listen",
+                "was removed: every role now serves /metrics on the admin listener; \
+                 set `admin.listen` ([admin] listen = \"0.0.0.0:9090\", or FLAGRELAY_ADMIN__LISTEN) instead",
+            ));
+        }
+        if self.admin.check_every < Duration::from_millis(100) {
+            return Err(invalid("admin.check_every", "must be at least 100ms"));
+        }
         if self.worker.state_dir.as_os_str().is_empty() {
             return Err(invalid("worker.state_dir", "must name a directory"));
         }
@@ -780,6 +818,32 @@ mod duration_list {
             .iter()
             .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
             .collect()
+    }
+}
+
+/// A listen address, or `"off"` (`None`).
+mod listen_or_off {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let raw = String::deserialize(d)?;
+        if raw.trim().eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        raw.trim().parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "expected an address such as 127.0.0.1:9090, or \"off\"; got {raw:?}"
+            ))
+        })
     }
 }
 
@@ -935,6 +999,43 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn admin_listener_defaults_to_localhost_and_can_be_turned_off() {
+        let c = Config::from_toml_str(VALID).unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let c = with("[admin]\nlisten = \"off\"").unwrap();
+        assert_eq!(c.admin.listen, None);
+        let c = with("[admin]\nlisten = \"0.0.0.0:9191\"").unwrap();
+        assert_eq!(c.admin.listen, Some("0.0.0.0:9191".parse().unwrap()));
+        let err = with("[admin]\nlisten = \"everywhere\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.listen") && err.contains("off"), "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type
+    fn the_admin_listener_is_set_or_turned_off_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", VALID)?;
+            jail.set_env("FLAGRELAY_ADMIN__LISTEN", "0.0.0.0:9191");
+            let c = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.admin.listen, Some("0.0.0.0:9191".parse().unwrap()));
+            jail.set_env("FLAGRELAY_ADMIN__LISTEN", "off");
+            let c = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.admin.listen, None);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_removed_metrics_listen_points_at_admin_listen() {
+        let err = with("[worker]\nmetrics_listen = \"0.0.0.0:9090\"").unwrap_err();
+        let text = err.to_string();
+        assert_eq!(key_of(err), "worker.metrics_listen");
+        assert!(text.contains("admin.listen"), "{text}");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!
 //! # Layout
 //! - [`config`]: the typed, layered configuration (defaults → TOML file → `FLAGRELAY_` env).
-//! - [`telemetry`]: tracing subscriber set-up and the process-wide counters.
+//! - [`telemetry`]: tracing subscriber set-up, the Prometheus metrics and the process's status.
+//! - [`admin`]: the operator's listener (`/healthz`, `/readyz`, `/metrics`, status page) and
+//!   the background probe behind it.
 //! - [`notification`]: the lenient parser for Graph change/lifecycle notification payloads.
 //! - [`message`]: the queue wire format (CloudEvents envelopes) and its HMAC signing. The one
 //!   place that knows what bytes travel on the bus.
@@ -29,6 +31,7 @@
 //! - [`explain`]: `policy check` and `policy explain`.
 //! - [`cli`]: the command line; `main.rs` only calls into it.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -86,15 +86,15 @@ impl ReceiverState {
     }
 }
 
-/// The receiver's routes: `/graph/notifications`, `/graph/lifecycle`, `/healthz`, `/readyz`,
-/// `/metrics`.
+/// The receiver's routes: `/graph/notifications`, `/graph/lifecycle`, and `/healthz` and
+/// `/readyz` for load balancers. Nothing else: this listener faces Graph and the internet;
+/// metrics and the status page live on the admin listener (`crate::admin`).
 pub fn router(state: ReceiverState, settings: &ReceiverSettings) -> Router {
     Router::new()
         .route("/graph/notifications", post(notifications))
         .route("/graph/lifecycle", post(lifecycle))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         // Slow or stalled clients are cut off instead of holding a connection forever.
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -292,7 +292,18 @@ async fn handle(
         .iter()
         .map(|m| message::encode(m, &state.signer))
         .collect();
-    let results = futures::future::join_all(encoded.iter().map(|e| state.queue.publish(e))).await;
+    let results = futures::future::join_all(encoded.iter().map(|e| async {
+        let started = std::time::Instant::now();
+        let result = state.queue.publish(e).await;
+        if result.is_ok() {
+            state
+                .metrics
+                .publish_confirm_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }))
+    .await;
     let failures: Vec<_> = results.into_iter().filter_map(Result::err).collect();
     if let Some(first) = failures.first() {
         Metrics::inc(&state.metrics.webhook_unavailable_total);
@@ -307,7 +318,7 @@ async fn handle(
     state
         .metrics
         .notifications_enqueued_total
-        .fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        .inc_by(encoded.len() as u64);
     for e in &encoded {
         tracing::debug!(message_id = %e.id, shard_key = %e.shard_key, "enqueued");
     }
@@ -386,21 +397,13 @@ fn handshake(state: &ReceiverState, token: String) -> Result<Response, WebhookEr
         .into_response())
 }
 
+/// Ready when the broker takes messages, as the admin probe last found (cached: a load
+/// balancer's probes never open broker connections). The admin listener's `/readyz` has the
+/// full picture.
 async fn readyz(State(state): State<ReceiverState>) -> Response {
-    if state.queue.ready().await {
+    if state.metrics.broker_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "queue not reachable").into_response()
     }
-}
-
-async fn metrics(State(state): State<ReceiverState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
 }

@@ -23,6 +23,7 @@ use crate::graph::{DeltaNext, DeltaPage, GraphApi, GraphError};
 use crate::message::{self, Message, Origin, Signer, UserChanged};
 use crate::queue::{Queue, QueueError};
 use crate::state::{StateError, StateStore};
+use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -59,8 +60,14 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Poll every `interval` while `leader` is true, until `shutdown`.
-    pub async fn run(self, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
+    /// Poll every `interval` while `leader` is true, until `shutdown`; each round's result is
+    /// recorded in `metrics` (delta lag, status page).
+    pub async fn run(
+        self,
+        mut leader: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -69,10 +76,15 @@ impl Reconciler {
             for tenant in &self.tenants {
                 match self.poll(tenant).await {
                     Ok(r) if r.queued > 0 || r.baseline || r.resynced => {
+                        metrics.delta_polled(&tenant.id, Ok(()));
                         tracing::info!(tenant_id = %tenant.id, queued = r.queued, baseline = r.baseline, resynced = r.resynced, "delta poll");
                     }
-                    Ok(_) => tracing::debug!(tenant_id = %tenant.id, "delta poll: no changes"),
+                    Ok(_) => {
+                        metrics.delta_polled(&tenant.id, Ok(()));
+                        tracing::debug!(tenant_id = %tenant.id, "delta poll: no changes")
+                    }
                     Err(e) => {
+                        metrics.delta_polled(&tenant.id, Err(&e.to_string()));
                         tracing::warn!(tenant_id = %tenant.id, error = %e, "delta poll failed; next try at the next interval")
                     }
                 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::graph::{GraphApi, GraphError, NewSubscription, Subscription};
+use crate::telemetry::Metrics;
 
 /// Graph's maximum lifetime for user subscriptions, less a margin for clock differences.
 pub const MAX_LIFETIME: chrono::Duration = chrono::Duration::minutes(41_760 - 60);
@@ -114,11 +115,13 @@ impl SubscriptionManager<'_> {
         }
     }
 
-    /// Ensure every tenant's subscription every `every` while leading, until `shutdown`.
+    /// Ensure every tenant's subscription every `every` while leading, until `shutdown`;
+    /// results are recorded in `metrics` (seconds to expiry, status page).
     pub async fn run(
         &self,
         every: Duration,
         mut leader: watch::Receiver<bool>,
+        metrics: &Metrics,
         shutdown: CancellationToken,
     ) {
         if self.notification_url().is_none() {
@@ -135,9 +138,11 @@ impl SubscriptionManager<'_> {
             for tenant in &self.config.tenants {
                 match self.ensure(&tenant.id, Utc::now()).await {
                     Ok((how, sub)) => {
+                        metrics.subscription_ensured(&tenant.id, &sub.id, sub.expiration_date_time);
                         tracing::info!(tenant_id = %tenant.id, subscription_id = %sub.id, expires = %sub.expiration_date_time, action = ?how, "subscription ensured")
                     }
                     Err(e) => {
+                        metrics.subscription_failed(&tenant.id, &e.to_string());
                         tracing::error!(tenant_id = %tenant.id, error = %e, "could not ensure the Graph subscription; notifications may stop (the delta backstop still runs)")
                     }
                 }

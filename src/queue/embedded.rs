@@ -235,6 +235,19 @@ impl Queue for EmbeddedQueue {
         true
     }
 
+    async fn depths(&self) -> Result<super::Depths, QueueError> {
+        let state = self.inner.lock();
+        let queued: usize = state.shards.iter().map(VecDeque::len).sum();
+        let in_flight: usize = state.in_flight.iter().sum();
+        // `held` counts queued, in flight and waiting for a retry: the rest waits.
+        let waiting = state.held.saturating_sub(queued + in_flight);
+        Ok(super::Depths {
+            work: queued as u64,
+            retry: waiting as u64,
+            dead_letter: state.dead.len() as u64,
+        })
+    }
+
     fn durable(&self) -> bool {
         false
     }

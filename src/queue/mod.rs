@@ -224,6 +224,17 @@ impl DeadLetter {
     }
 }
 
+/// Messages waiting in the queues, for the depth gauges and the status page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depths {
+    /// Ready on the shard queues (deliveries a worker holds unacknowledged are not counted).
+    pub work: u64,
+    /// Waiting on the retry delay tiers (retries, parked rechecks, breaker-held deactivations).
+    pub retry: u64,
+    /// In the dead-letter queue.
+    pub dead_letter: u64,
+}
+
 /// Which dead letters a redrive takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Redrive {
@@ -277,6 +288,10 @@ pub trait Queue: Send + Sync + std::fmt::Debug {
 
     /// Whether the broker is reachable now (readiness probe).
     async fn ready(&self) -> bool;
+
+    /// How many messages wait in the work, retry and dead-letter queues now (RabbitMQ:
+    /// passive declares, which report ready messages).
+    async fn depths(&self) -> Result<Depths, QueueError>;
 
     /// True when messages survive a restart of the process (false for the embedded backend).
     fn durable(&self) -> bool;

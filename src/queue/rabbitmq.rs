@@ -246,6 +246,15 @@ impl Queue for RabbitQueue {
             .is_ok()
     }
 
+    async fn depths(&self) -> Result<super::Depths, QueueError> {
+        let limit = self.cfg.op_timeout();
+        let (link, _) = self.publisher.link(Instant::now() + limit, limit).await?;
+        let ch = within(limit, "opening a channel", link.connection.create_channel()).await?;
+        let depths = self.cfg.topology.depths(&ch, limit).await;
+        let _ = tokio::time::timeout(limit, ch.close(200, "counted".into())).await;
+        depths
+    }
+
     fn durable(&self) -> bool {
         true
     }

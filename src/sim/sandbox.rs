@@ -89,6 +89,8 @@ impl Sandbox {
         ));
         std::fs::create_dir_all(&dir)?;
         config.worker.state_dir = dir.join("state");
+        // Any free port: sandboxes run side by side (tests, the demo).
+        config.admin.listen = Some(([127, 0, 0, 1], 0).into());
         config.validate()?;
         Ok(Self {
             graph,

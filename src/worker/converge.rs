@@ -258,6 +258,11 @@ impl Worker {
         let mut breaker = self.breaker.lock().await;
         if breaker.is_tripped() && matches!(self.deps.state.active_trip(), Ok(None)) {
             breaker.release();
+            self.deps
+                .metrics
+                .set_breaker(Some(crate::telemetry::status::BreakerView {
+                    tripped: None,
+                }));
             tracing::warn!("breaker released by an operator; deactivations resume");
         }
         match breaker.attempt(now, total) {
@@ -266,6 +271,11 @@ impl Worker {
                 let newly = trip.at == now;
                 if newly {
                     crate::telemetry::Metrics::inc(&self.deps.metrics.breaker_trips_total);
+                    self.deps
+                        .metrics
+                        .set_breaker(Some(crate::telemetry::status::BreakerView {
+                            tripped: Some((trip.at, trip.reason.clone())),
+                        }));
                     tracing::error!(
                         reason = %trip.reason,
                         "ALERT: blast-radius breaker tripped; deactivations are held until an operator runs `flagrelay breaker release`"

@@ -31,6 +31,7 @@ use crate::proofpoint::{OrgAccess, ProofpointApi};
 use crate::queue::{Delivered, Delivery, Queue, QueueError, Settlement};
 use crate::state::StateStore;
 use crate::telemetry::Metrics;
+use crate::telemetry::status::Decision;
 use outcome::{Detail, Outcome, RetryPolicy};
 
 /// The parts a worker talks to.
@@ -239,25 +240,30 @@ impl Worker {
         let jitter = rand::rng().random_range(0.8..=1.2);
         let settlement = outcome::settle(&outcome, previous, &self.settings.retry, jitter);
         let metrics = &self.deps.metrics;
-        match (&settlement, &outcome) {
+        let counted = match (&settlement, &outcome) {
             (Settlement::Ack, Outcome::Applied { detail }) => {
                 Metrics::inc(&metrics.outcomes_applied_total);
                 tracing::info!(address = ?detail.address, action = ?detail.action, reason = %detail.reason, dry_run = self.settings.dry_run, "applied");
+                "applied"
             }
             (Settlement::Ack, Outcome::NoChange { detail }) => {
                 Metrics::inc(&metrics.outcomes_no_change_total);
                 tracing::info!(address = ?detail.address, reason = %detail.reason, "no change needed");
+                "no_change"
             }
             (Settlement::Ack, _) => {
                 Metrics::inc(&metrics.outcomes_skipped_total);
                 tracing::info!(outcome = ?outcome, "skipped");
+                "skipped"
             }
             (Settlement::Retry { delay, .. }, Outcome::Waiting { .. }) => {
                 tracing::debug!(?delay, "recheck not due yet; parked again");
+                "parked"
             }
             (Settlement::Retry { delay, .. }, Outcome::Held { reason, detail, .. }) => {
                 Metrics::inc(&metrics.outcomes_held_total);
                 tracing::warn!(?delay, address = ?detail.address, %reason, "deactivation held by the breaker");
+                "held"
             }
             (
                 Settlement::Retry {
@@ -269,6 +275,7 @@ impl Worker {
             ) => {
                 Metrics::inc(&metrics.outcomes_retried_total);
                 tracing::warn!(?delay, attempt, error = %last_error, "transient failure; retry scheduled");
+                "retried"
             }
             (
                 Settlement::DeadLetter {
@@ -280,11 +287,17 @@ impl Worker {
             ) => {
                 Metrics::inc(&metrics.outcomes_dead_lettered_total);
                 tracing::error!(%reason, attempts, error = %last_error, "dead-lettered");
+                "dead_lettered"
             }
-        }
+        };
+        metrics.processed(
+            counted,
+            detail_of(&outcome).and_then(|d| d.action.as_deref()),
+        );
         let announce = !matches!(settlement, Settlement::Retry { .. })
             || matches!(outcome, Outcome::Held { .. });
         if announce && let Some(Message::UserChanged(m)) = decoded.map(|d| &d.message) {
+            self.record_decision(m, &outcome);
             self.publish_outcome(m, decoded.map(|d| d.id.as_str()).unwrap_or(""), &outcome)
                 .await;
         }
@@ -334,6 +347,49 @@ impl Worker {
         }
     }
 
+    /// For operators: the status page's recent decisions and, when Proofpoint was written,
+    /// the end-to-end latency histograms.
+    fn record_decision(&self, cause: &UserChanged, outcome: &Outcome) {
+        let now = Utc::now();
+        // A recheck's clock starts when it falls due, not when it was scheduled.
+        let started = cause
+            .not_before
+            .map_or(cause.received_at, |due| due.max(cause.received_at));
+        if matches!(outcome, Outcome::Applied { .. }) && !self.settings.dry_run {
+            // The origin by its wire name (`notification`, `delta`, ...).
+            let origin = serde_json::to_value(cause.origin)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            self.deps
+                .metrics
+                .write_landed(&origin, started, cause.event_time, now);
+        }
+        let detail = detail_of(outcome);
+        let rule = match outcome {
+            Outcome::Skipped { reason, detail } if !detail.reason.is_empty() => {
+                format!("{reason}: {}", detail.reason)
+            }
+            Outcome::Skipped { reason, .. } => reason.clone(),
+            Outcome::Held { reason, .. } => format!("held by the breaker: {reason}"),
+            Outcome::Transient { error, .. } => error.clone(),
+            Outcome::Permanent { reason, .. } => (*reason).to_owned(),
+            _ => detail.map(|d| d.reason.clone()).unwrap_or_default(),
+        };
+        self.deps.metrics.status.push_decision(Decision {
+            at: now,
+            tenant_id: cause.tenant_id.clone(),
+            user: detail
+                .and_then(|d| d.address.clone())
+                .unwrap_or_else(|| cause.user_id.clone()),
+            result: outcome.result().to_owned(),
+            action: detail.and_then(|d| d.action.clone()),
+            rule,
+            latency: (now - started).to_std().ok(),
+            dry_run: self.settings.dry_run,
+        });
+    }
+
     async fn publish_outcome(&self, cause: &UserChanged, cause_id: &str, outcome: &Outcome) {
         let (detail, reason) = match outcome {
             Outcome::Applied { detail } | Outcome::NoChange { detail } => {
@@ -376,6 +432,17 @@ impl Worker {
             Metrics::inc(&self.deps.metrics.outcome_event_failures_total);
             tracing::warn!(%error, "could not publish the outcome event");
         }
+    }
+}
+
+/// What is known about the evaluation, when it got far enough to know anything.
+fn detail_of(outcome: &Outcome) -> Option<&Detail> {
+    match outcome {
+        Outcome::Applied { detail }
+        | Outcome::NoChange { detail }
+        | Outcome::Skipped { detail, .. }
+        | Outcome::Held { detail, .. } => Some(detail),
+        Outcome::Waiting { .. } | Outcome::Transient { .. } | Outcome::Permanent { .. } => None,
     }
 }
 

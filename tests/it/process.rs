@@ -9,9 +9,9 @@ use secrecy::ExposeSecret;
 
 use crate::support::{ORG, TENANT, eventually};
 
-/// A configuration file for the real binary, pointing at `sandbox`; `extra` is appended (more
-/// sections, e.g. `[amqp]`).
-fn config_file(sandbox: &Sandbox, listen: &str, extra: &str) -> String {
+/// A configuration file for the real binary, pointing at `sandbox`, with the admin listener
+/// on `admin`; `extra` is appended (more sections, e.g. `[amqp]`).
+fn config_file(sandbox: &Sandbox, listen: &str, admin: &str, extra: &str) -> String {
     let c = &sandbox.config;
     let policy = c
         .policy
@@ -37,6 +37,8 @@ password = "{}"
 key = "{}"
 [worker]
 state_dir = "{}"
+[admin]
+listen = "{admin}"
 [[tenants]]
 id = "{TENANT}"
 org_domain = "{ORG}"
@@ -58,14 +60,17 @@ org_domain = "{ORG}"
 #[tokio::test]
 async fn flagrelay_run_serves_and_stops_cleanly_on_sigterm() {
     let sandbox = Sandbox::start(TENANT, ORG).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
     let path = sandbox.dir.join("flagrelay.toml");
-    std::fs::write(&path, config_file(&sandbox, &listen, "")).unwrap();
+    std::fs::write(&path, config_file(&sandbox, &listen, &admin, "")).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_flagrelay"))
         .args(["--config", path.to_str().unwrap(), "run"])
         .env("RUST_LOG", "warn")
@@ -101,6 +106,26 @@ async fn flagrelay_run_serves_and_stops_cleanly_on_sigterm() {
             == Some(false))
         .await
     );
+    // Operators read metrics on the admin listener; the public one does not expose them.
+    let scrape = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert!(scrape.status().is_success());
+    let text = scrape.text().await.unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("flagrelay_outcomes_applied_total ")
+                && l != "flagrelay_outcomes_applied_total 0"),
+        "{text}"
+    );
+    let public = client
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status().as_u16(), 404);
 
     let pid = child.id().unwrap().to_string();
     assert!(
@@ -376,7 +401,7 @@ sweep_every = "24h"
         crate::support::amqp_url()
     );
     let path = sandbox.dir.join("flagrelay.toml");
-    std::fs::write(&path, config_file(&sandbox, &listen, &extra)).unwrap();
+    std::fs::write(&path, config_file(&sandbox, &listen, "127.0.0.1:0", &extra)).unwrap();
     let client_state = sandbox
         .config
         .graph

@@ -13,8 +13,8 @@ use flagrelay::message::Encoded;
 use flagrelay::queue::embedded::EmbeddedQueue;
 use flagrelay::queue::rabbitmq::RabbitQueue;
 use flagrelay::queue::{
-    ATTEMPT_HEADER, DEAD_LETTERED_AT_HEADER, Delivery, LAST_ERROR_HEADER, LAST_ERROR_MAX_BYTES,
-    Queue, QueueError, QueueSettings, REASON_HEADER, Settlement, shard_for,
+    ATTEMPT_HEADER, DEAD_LETTERED_AT_HEADER, Delivery, Depths, LAST_ERROR_HEADER,
+    LAST_ERROR_MAX_BYTES, Queue, QueueError, QueueSettings, REASON_HEADER, Settlement, shard_for,
 };
 use tokio::sync::mpsc::Receiver;
 use tokio::time::Instant;
@@ -123,6 +123,7 @@ conformance!(
     unsettled_delivery_is_redelivered,
     one_consumer_per_shard_and_takeover,
     publish_event_needs_nobody_bound,
+    depths_count_ready_waiting_and_dead_messages,
 );
 
 fn message(key: &str, n: usize) -> Encoded {
@@ -323,6 +324,69 @@ async fn dead_letter_keeps_reason_attempts_and_error(b: &Backend) {
         b.queue.take_dead_letters(10).await.unwrap().is_empty(),
         "taken means removed"
     );
+}
+
+/// Poll `depths()` until `want` holds (counts can trail a confirm by a moment).
+async fn depths_until(b: &Backend, what: &str, want: impl Fn(&Depths) -> bool) -> Depths {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let d = b.queue.depths().await.expect("depths");
+        if want(&d) {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "{what}: last read {d:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn depths_count_ready_waiting_and_dead_messages(b: &Backend) {
+    b.queue.declare().await.expect("declare");
+    assert_eq!(b.queue.depths().await.expect("depths"), Depths::default());
+    for n in 0..3 {
+        b.queue
+            .publish(&message(&b.key_on(n % 2), n.into()))
+            .await
+            .expect("publish");
+    }
+    depths_until(b, "three ready", |d| d.work == 3).await;
+
+    let (token, mut rx) = consume(&b.queue).await;
+    let (d1, d2, d3) = (
+        next(&mut rx).await,
+        next(&mut rx).await,
+        next(&mut rx).await,
+    );
+    // Handed to a consumer and unacknowledged: no longer ready.
+    depths_until(b, "none ready while held", |d| d.work == 0).await;
+    d1.settle(&Settlement::Ack).await.expect("ack");
+    d2.settle(&Settlement::DeadLetter {
+        reason: "test".into(),
+        attempts: 1,
+        last_error: "boom".into(),
+    })
+    .await
+    .expect("dead-letter");
+    let parked = Instant::now();
+    d3.settle(&Settlement::Retry {
+        delay: Duration::from_millis(300),
+        attempt: 1,
+        last_error: "later".into(),
+    })
+    .await
+    .expect("retry");
+    let d = b.queue.depths().await.expect("depths");
+    assert_eq!(d.dead_letter, 1, "{d:?}");
+    if parked.elapsed() < Duration::from_millis(250) {
+        assert_eq!(d.retry, 1, "waiting on its 300 ms tier: {d:?}");
+    } else {
+        assert_eq!(d.retry + d.work, 1, "waiting, or back already: {d:?}");
+    }
+    stop(token, rx).await;
+    // Back from its tier with nobody consuming: ready on its shard again.
+    depths_until(b, "the retry is back", |d| {
+        d.work == 1 && d.retry == 0 && d.dead_letter == 1
+    })
+    .await;
 }
 
 async fn unsettled_delivery_is_redelivered(b: &Backend) {

@@ -137,6 +137,9 @@ pub struct Options {
     pub second_tenant: bool,
     /// Reach RabbitMQ at this URL instead (e.g. through a [`Proxy`]).
     pub amqp_url: Option<SecretString>,
+    /// Set `receiver.public_url` to the test's receiver, so the leader manages the Graph
+    /// subscription itself.
+    pub public_url: bool,
 }
 
 /// Mirror `accountEnabled`, with the breaker opened wide: for tests that deactivate most of
@@ -167,6 +170,7 @@ impl Default for Options {
             policy: Some(MIRROR_NO_BREAKER.to_owned()),
             second_tenant: false,
             amqp_url: None,
+            public_url: false,
         }
     }
 }
@@ -193,7 +197,14 @@ impl TestApp {
         if opts.second_tenant {
             sandbox.add_tenant(TENANT_B, ORG_B).expect("second tenant");
         }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
         let mut config = sandbox.config.clone();
+        if opts.public_url {
+            config.receiver.public_url = Some(url.parse().expect("url"));
+        }
         config.worker.max_attempts = opts.max_attempts;
         config.worker.backoff_base = Duration::from_millis(50);
         config.worker.backoff_max = Duration::from_millis(500);
@@ -204,10 +215,6 @@ impl TestApp {
         let pp =
             Arc::new(ProofpointClient::from_config(&config.proofpoint).expect("proofpoint client"));
         let app = App::with_parts(config, queue, graph, pp).expect("app builds");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let app = app.clone();
@@ -248,6 +255,16 @@ impl TestApp {
         {
             eprintln!("could not delete the test topology: {e}");
         }
+    }
+
+    /// `http://127.0.0.1:PORT` of the admin listener (the sandbox binds it to a free port),
+    /// once it listens.
+    pub async fn admin_url(&self) -> String {
+        assert!(
+            eventually(Duration::from_secs(10), || self.app.admin_addr().is_some()).await,
+            "the admin listener did not start"
+        );
+        format!("http://{}", self.app.admin_addr().expect("bound"))
     }
 
     /// The embedded queue, when the test runs on it (to read published events).

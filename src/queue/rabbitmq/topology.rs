@@ -237,6 +237,24 @@ impl Topology {
         declaring(limit, queue, bind).await
     }
 
+    /// Messages ready in the shard, retry and dead-letter queues, by passive declares (which
+    /// change nothing; a queue that does not exist fails the call with 404).
+    pub(super) async fn depths(
+        &self,
+        ch: &Channel,
+        limit: Duration,
+    ) -> Result<crate::queue::Depths, QueueError> {
+        let mut depths = crate::queue::Depths::default();
+        for shard in 0..self.shards {
+            depths.work += ready_messages(ch, limit, &self.shard_queue(shard)).await?;
+        }
+        for &tier in &self.tiers_ms {
+            depths.retry += ready_messages(ch, limit, &self.retry_queue(tier)).await?;
+        }
+        depths.dead_letter = ready_messages(ch, limit, &self.dead_queue()).await?;
+        Ok(depths)
+    }
+
     /// Delete every queue and exchange of the prefix, messages included.
     pub(super) async fn delete(&self, ch: &Channel, limit: Duration) -> Result<(), QueueError> {
         let mut queues = vec![self.dead_queue()];
@@ -258,6 +276,18 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Messages ready in queue `name`, by a passive declare.
+async fn ready_messages(ch: &Channel, limit: Duration, name: &str) -> Result<u64, QueueError> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declare = ch.queue_declare(short(name)?, options, FieldTable::default());
+    Ok(u64::from(
+        declaring(limit, name, declare).await?.message_count(),
+    ))
 }
 
 fn text(s: &str) -> AMQPValue {
