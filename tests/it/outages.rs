@@ -197,47 +197,61 @@ async fn proofpoint_throttling_longer_than_the_attempts_dead_letters_only_after_
 #[tokio::test]
 async fn graph_throttling_with_retry_after_is_honoured_end_to_end() {
     let (t, users, _) = app("graph-429", 5).await;
+    let (first, second) = (&users[0], &users[1]);
     let retry_after = Duration::from_secs(1);
     let since = Instant::now();
+    let user_reads = || {
+        t.sandbox
+            .graph
+            .request_log()
+            .into_iter()
+            .filter(|r| r.started >= since && r.path.contains("/users"))
+            .collect::<Vec<_>>()
+    };
     t.sandbox
         .graph
         .throttle_next(1, Some(retry_after.as_secs()));
-    for u in &users {
-        t.sandbox.set_enabled(u, false);
-    }
+    t.sandbox.set_enabled(first, false);
     assert!(
-        eventually(Duration::from_secs(30), || users
+        eventually(Duration::from_secs(10), || user_reads()
+            .iter()
+            .any(|r| r.status == 429))
+        .await,
+        "the worker's read was throttled"
+    );
+    // Another user changes while the tenant is throttled: its read must wait too.
+    t.sandbox.set_enabled(second, false);
+    assert!(
+        eventually(Duration::from_secs(30), || [first, second]
             .iter()
             .all(|u| t.sandbox.is_active(u) == Some(false)))
         .await,
-        "every change landed after the throttling"
+        "both changes landed after the throttling"
     );
-    let reads: Vec<_> = t
-        .sandbox
-        .graph
-        .request_log()
-        .into_iter()
-        .filter(|r| r.started >= since && r.path.contains("/users"))
-        .collect();
-    let throttled = reads
-        .iter()
-        .find(|r| r.status == 429)
-        .expect("a worker read was throttled");
-    // Graph throttles the app in the tenant: after the 429 no read of any user went out
-    // before Retry-After had passed (without it the retry would wait the 100 ms tier).
+    let reads = user_reads();
+    let throttled = reads.iter().find(|r| r.status == 429).unwrap();
+    // Graph throttles the app in the tenant: after the 429, no read of any user went out
+    // before Retry-After had passed. (Reads already on their way when the 429 was answered
+    // cannot be called back; they get 100 ms, less than the shortest retry tier.)
+    let in_flight = Duration::from_millis(100);
     let quiet_until = throttled.finished + retry_after.mul_f64(0.98);
     let early: Vec<_> = reads
         .iter()
-        .filter(|r| r.started > throttled.finished && r.started < quiet_until)
-        .map(|r| &r.path)
+        .filter(|r| r.started > throttled.finished + in_flight && r.started < quiet_until)
+        .map(|r| (&r.path, r.started - throttled.finished))
         .collect();
     assert!(
         early.is_empty(),
         "requests sent within Retry-After of a 429: {early:?}"
     );
-    assert!(
-        reads.iter().any(|r| r.started >= quiet_until),
-        "the reads resumed after Retry-After"
-    );
+    for u in [first, second] {
+        assert!(
+            reads
+                .iter()
+                .any(|r| r.path.contains(&u.id) && r.status == 200 && r.started >= quiet_until),
+            "{} was read after Retry-After",
+            u.address
+        );
+    }
     t.stop().await;
 }

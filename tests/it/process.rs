@@ -214,7 +214,10 @@ file = "{}"
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("`policy.file`"), "{command}: {err}");
         assert!(err.contains("acount_enabled"), "{command}: {err}");
-        assert!(err.contains("policy.toml:3:"), "{command}: the line is named: {err}");
+        assert!(
+            err.contains("policy.toml:3:"),
+            "{command}: the line is named: {err}"
+        );
     }
 }
 
