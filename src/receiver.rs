@@ -21,8 +21,11 @@ use axum::routing::{get, post};
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
-use crate::message::{self, Message, Origin, Signer, SubscriptionLifecycle, UserChanged};
+use crate::message::{
+    self, Message, Origin, Signer, SubscriptionLifecycle, TraceContext, UserChanged,
+};
 use crate::notification::{self, ItemError};
 use crate::queue::Queue;
 use crate::telemetry::Metrics;
@@ -192,6 +195,33 @@ async fn handle(
     if items.len() > state.max_items {
         return Err(WebhookError::TooManyItems(items.len(), state.max_items));
     }
+    // Continue the caller's trace when Graph or a proxy sent a valid `traceparent`, else
+    // start one; every message of the batch carries it to the worker.
+    let trace = headers
+        .get(message::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceContext::new_root);
+    let span = tracing::info_span!(
+        "notifications",
+        items = items.len(),
+        trace_id = %trace.trace_id(),
+        span_id = %trace.span_id(),
+    );
+    publish_batch(&state, kind, &items, &trace)
+        .instrument(span)
+        .await
+}
+
+/// Authenticate, sign and publish the items of one collection; `202` only when every valid
+/// item is confirmed.
+async fn publish_batch(
+    state: &ReceiverState,
+    kind: Kind,
+    items: &[serde_json::Value],
+    trace: &TraceContext,
+) -> Result<Response, WebhookError> {
     let received_at = Utc::now();
     let messages: Vec<Message> = items
         .iter()
@@ -228,7 +258,7 @@ async fn handle(
 
     let encoded: Vec<_> = messages
         .iter()
-        .map(|m| message::encode(m, &state.signer))
+        .map(|m| message::encode_traced(m, &state.signer, trace))
         .collect();
     let results = futures::future::join_all(encoded.iter().map(|e| state.queue.publish(e))).await;
     let failures: Vec<_> = results.into_iter().filter_map(Result::err).collect();
