@@ -684,7 +684,11 @@ mod tests {
         let table = [
             ("applied", Some("activate"), "decision.activated"),
             ("applied", Some("deactivate"), "decision.deactivated"),
-            ("applied", Some("keep_mail_flowing"), "decision.kept_mail_flowing"),
+            (
+                "applied",
+                Some("keep_mail_flowing"),
+                "decision.kept_mail_flowing",
+            ),
             ("no_change", Some("deactivate"), "decision.no_change"),
             ("skipped", Some("ignore"), "decision.skipped"),
             ("skipped", None, "decision.skipped"),
@@ -700,7 +704,10 @@ mod tests {
         let keys: std::collections::BTreeSet<_> =
             Announcement::ALL.iter().map(|a| a.routing_key()).collect();
         assert_eq!(keys.len(), Announcement::ALL.len());
-        assert!(keys.iter().all(|k| k.starts_with("decision.") && !k.contains(['*', '#'])));
+        assert!(
+            keys.iter()
+                .all(|k| k.starts_with("decision.") && !k.contains(['*', '#']))
+        );
         // Work messages never go to the events exchange.
         assert_eq!(encode(&sample(), &signer("k1", "k")).routing_key, "");
     }

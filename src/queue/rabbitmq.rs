@@ -68,6 +68,11 @@ impl RabbitQueue {
         }
     }
 
+    /// The settings this backend was made with (prefix, shards, retry tiers, ...).
+    pub fn settings(&self) -> &QueueSettings {
+        &self.cfg.settings
+    }
+
     /// Every exchange, queue, binding and publishing route of a deployment with `settings`,
     /// exactly as [`Queue::declare`] declares them (the leader queue is declared by the lease).
     pub fn describe(settings: &QueueSettings) -> TopologyDescription {

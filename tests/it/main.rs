@@ -6,6 +6,7 @@
 
 mod support;
 
+mod contracts;
 mod faults;
 mod pipeline;
 mod policy;

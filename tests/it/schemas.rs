@@ -296,9 +296,20 @@ fn schemas_list_exactly_the_fields_the_code_writes() {
         // Every attribute is required but the tracing extension, which messages written
         // before it existed lack (flagrelay itself always writes it now).
         let mut required = keys(&full);
-        assert!(required.remove(TRACEPARENT_HEADER), "encode writes traceparent");
-        assert_eq!(required, strings(&envelope["required"]), "envelope required");
-        assert_eq!(keys(&minimal), keys(&full), "envelope keys of the minimal sample");
+        assert!(
+            required.remove(TRACEPARENT_HEADER),
+            "encode writes traceparent"
+        );
+        assert_eq!(
+            required,
+            strings(&envelope["required"]),
+            "envelope required"
+        );
+        assert_eq!(
+            keys(&minimal),
+            keys(&full),
+            "envelope keys of the minimal sample"
+        );
         assert_eq!(
             keys(&full["data"]),
             keys(&data["properties"]),
