@@ -7,6 +7,7 @@
 mod support;
 
 mod contracts;
+mod deployment;
 mod faults;
 mod pipeline;
 mod policy;
