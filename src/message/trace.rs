@@ -49,7 +49,12 @@ impl TraceContext {
         let version = hex_bytes::<1>(&value[0..2])?[0];
         let exact = bytes.len() == 55;
         let extended = bytes.len() > 55 && bytes[55] == b'-';
-        if version == 0xff || (version == 0 && !exact) || (version != 0 && !exact && !extended) {
+        let acceptable = match version {
+            0xff => false,
+            0 => exact,
+            _ => exact || extended,
+        };
+        if !acceptable {
             return None;
         }
         if bytes[2] != b'-' || bytes[35] != b'-' || bytes[52] != b'-' {

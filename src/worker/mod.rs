@@ -190,7 +190,9 @@ impl Worker {
             let decoded = match self.decode(&delivery.delivered) {
                 Ok(d) => d,
                 Err(outcome) => {
-                    return self.finish(delivery, None, outcome, previous, &trace).await;
+                    return self
+                        .finish(delivery, None, *outcome, previous, &trace)
+                        .await;
                 }
             };
             Span::current().record("tenant_id", decoded.message.tenant_id());
@@ -205,7 +207,7 @@ impl Worker {
         .await
     }
 
-    fn decode(&self, delivered: &Delivered) -> Result<Decoded, Outcome> {
+    fn decode(&self, delivered: &Delivered) -> Result<Decoded, Box<Outcome>> {
         message::decode(&delivered.body, &delivered.headers, &self.verifier).map_err(|e| {
             let reason = match e {
                 DecodeError::MissingSignature | DecodeError::UnknownKey(_) | DecodeError::BadSignature => {
@@ -221,7 +223,7 @@ impl Worker {
                 DecodeError::Malformed(_) => "undecodable",
                 DecodeError::UnsupportedVersion(_) | DecodeError::UnknownType(_) => "unknown_message_type",
             };
-            Outcome::Permanent { reason, error: e.to_string() }
+            Box::new(Outcome::Permanent { reason, error: e.to_string() })
         })
     }
 

@@ -669,7 +669,7 @@ async fn a_traceparent_sent_to_the_webhook_reaches_the_worker_and_the_outcome_ev
         .unwrap()
         .status();
     assert_eq!(status, 202);
-    let seen = capture.until(|all| all.iter().any(|m| ours(m))).await;
+    let seen = capture.until(|all| all.iter().any(&ours)).await;
     let fresh = seen
         .iter()
         .find(|m| ours(m))
