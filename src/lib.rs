@@ -9,6 +9,8 @@
 //! # Layout
 //! - [`config`]: the typed, layered configuration (defaults → TOML file → `FLAGRELAY_` env).
 //! - [`telemetry`]: tracing subscriber set-up and the process-wide counters.
+//! - [`otlp`]: which span of the distributed trace a unit of work is; OTLP export behind the
+//!   cargo feature `otlp`.
 //! - [`notification`]: the lenient parser for Graph change/lifecycle notification payloads.
 //! - [`message`]: the queue wire format (CloudEvents envelopes) and its HMAC signing. The one
 //!   place that knows what bytes travel on the bus.
@@ -37,6 +39,7 @@ pub mod explain;
 pub mod graph;
 pub mod message;
 pub mod notification;
+pub mod otlp;
 pub mod policy;
 pub mod proofpoint;
 pub mod queue;

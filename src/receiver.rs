@@ -195,20 +195,19 @@ async fn handle(
     if items.len() > state.max_items {
         return Err(WebhookError::TooManyItems(items.len(), state.max_items));
     }
-    // Continue the caller's trace when Graph or a proxy sent a valid `traceparent`, else
-    // start one; every message of the batch carries it to the worker.
-    let trace = headers
-        .get(message::TRACEPARENT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
-        .map(|t| t.child())
-        .unwrap_or_else(TraceContext::new_root);
     let span = tracing::info_span!(
         "notifications",
         items = items.len(),
-        trace_id = %trace.trace_id(),
-        span_id = %trace.span_id(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
+    // Continue the caller's trace when Graph or a proxy sent a valid `traceparent`, else
+    // start one; every message of the batch carries it to the worker.
+    let incoming = headers
+        .get(message::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse);
+    let trace = crate::otlp::continue_trace(&span, incoming);
     publish_batch(&state, kind, &items, &trace)
         .instrument(span)
         .await

@@ -171,11 +171,6 @@ impl Worker {
     /// Process one delivery end to end and settle it.
     pub async fn handle(&self, delivery: Delivery) {
         let previous = delivery.delivered.attempt();
-        // This evaluation is a span of the trace the message came with (the receiver's, or
-        // whoever queued it); a message without a valid `traceparent` starts a new trace.
-        let trace = message::trace_of(&delivery.delivered.headers)
-            .map(|t| t.child())
-            .unwrap_or_else(TraceContext::new_root);
         let span = tracing::info_span!(
             "message",
             message_id = delivery.delivered.message_id.as_deref().unwrap_or(""),
@@ -183,9 +178,13 @@ impl Worker {
             user_id = field::Empty,
             attempt = previous + 1,
             redelivered = delivery.delivered.redelivered,
-            trace_id = %trace.trace_id(),
-            span_id = %trace.span_id(),
+            trace_id = field::Empty,
+            span_id = field::Empty,
         );
+        // This evaluation is a span of the trace the message came with (the receiver's, or
+        // whoever queued it); a message without a valid `traceparent` starts a new trace.
+        let trace =
+            crate::otlp::continue_trace(&span, message::trace_of(&delivery.delivered.headers));
         async {
             let decoded = match self.decode(&delivery.delivered) {
                 Ok(d) => d,
