@@ -592,6 +592,19 @@ async fn real_messages_validate_against_the_schemas_the_asyncapi_points_to() {
     t.stop().await;
 }
 
+/// POST a change notification for `user_id` to the receiver at `url`, with `traceparent`.
+async fn notify(url: &str, user_id: &str, client_state: &str, traceparent: &str) {
+    let status = reqwest::Client::new()
+        .post(format!("{url}/graph/notifications"))
+        .header(TRACEPARENT_HEADER, traceparent)
+        .json(&change_notification(user_id, client_state))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 202);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traceparent_sent_to_the_webhook_reaches_the_worker_and_the_outcome_event() {
     let t = TestApp::start("traceparent", Options::default()).await;
@@ -601,15 +614,7 @@ async fn a_traceparent_sent_to_the_webhook_reaches_the_worker_and_the_outcome_ev
     let bob = t.sandbox.seed_user("bob", true, "end_user");
     let incoming = TraceContext::new_root();
     let client_state = t.app.config.graph.client_state().expose_secret().to_owned();
-    let status = reqwest::Client::new()
-        .post(format!("{}/graph/notifications", t.url))
-        .header(TRACEPARENT_HEADER, incoming.to_string())
-        .json(&change_notification(&bob.id, &client_state))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 202);
+    notify(&t.url, &bob.id, &client_state, &incoming.to_string()).await;
     // Ours, not the simulator's notifications about seeding bob: by subscription id.
     let ours = |m: &Captured| {
         m.amqp_type.as_deref() == Some(TYPE_USER_CHANGED)
@@ -660,15 +665,7 @@ async fn a_traceparent_sent_to_the_webhook_reaches_the_worker_and_the_outcome_ev
     );
 
     // With a malformed traceparent (or none), a new trace starts.
-    let status = reqwest::Client::new()
-        .post(format!("{}/graph/notifications", t.url))
-        .header(TRACEPARENT_HEADER, "00-not-a-trace")
-        .json(&change_notification(&bob.id, &client_state))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 202);
+    notify(&t.url, &bob.id, &client_state, "00-not-a-trace").await;
     let seen = capture.until(|all| all.iter().any(&ours)).await;
     let fresh = seen
         .iter()
