@@ -128,6 +128,11 @@ fn both_documents_parse_and_every_ref_resolves() {
         let doc = yaml(file);
         assert_eq!(doc[key], version, "{file}");
         assert!(doc["info"]["title"].is_string(), "{file} has a title");
+        assert_eq!(
+            doc["info"]["version"],
+            env!("CARGO_PKG_VERSION"),
+            "{file} documents this release"
+        );
         let mut all = Vec::new();
         refs(&doc, &mut all);
         assert!(
