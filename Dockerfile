@@ -31,7 +31,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:bookworm-slim
 
 # ca-certificates: TLS to Graph, Entra and Proofpoint. libssl3: native-tls at run time.
-# curl: the compose healthcheck of `serve` (GET /healthz); the image has nothing else to do it.
+# curl: the HEALTHCHECK below (GET /healthz); the image has nothing else to do it.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates libssl3 curl \
     && rm -rf /var/lib/apt/lists/*
@@ -46,9 +46,17 @@ RUN groupadd --system --gid 10001 flagrelay \
 COPY --from=builder /out/flagrelay /usr/local/bin/flagrelay
 
 USER 10001:10001
-# The receiver's webhook (receiver.listen; bind 0.0.0.0 in a container, e.g. with
-# FLAGRELAY_RECEIVER__LISTEN=0.0.0.0:8080). Workers listen on nothing.
-EXPOSE 8080
+# 8080: the receiver's webhook (receiver.listen; bind 0.0.0.0 in a container, e.g. with
+# FLAGRELAY_RECEIVER__LISTEN=0.0.0.0:8080); only `serve` and `run` have it.
+# 9090: the admin listener (admin.listen: /healthz, /readyz, /metrics, the status page) of
+# `serve`, `work` and `run`; bind 0.0.0.0:9090 for Prometheus on the container network, and
+# never publish it to the internet.
+EXPOSE 8080 9090
+# Liveness of serve, work and run, from inside the container: the admin listener's default
+# address (127.0.0.1:9090) answers there even when it is not bound to other interfaces.
+# Commands without an admin listener (`sim`, one-shot commands) disable it in compose.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:9090/healthz"]
 # flagrelay handles SIGTERM itself: it stops taking work and settles what is in flight.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["flagrelay"]

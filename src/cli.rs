@@ -208,7 +208,10 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(dispatch(cli))
+    let code = runtime.block_on(dispatch(cli));
+    // Flush exported spans (a no-op without the `otlp` feature).
+    crate::otlp::shutdown();
+    code
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {

@@ -11,6 +11,8 @@
 //! - [`telemetry`]: tracing subscriber set-up, the Prometheus metrics and the process's status.
 //! - [`admin`]: the operator's listener (`/healthz`, `/readyz`, `/metrics`, status page) and
 //!   the background probe behind it.
+//! - [`otlp`]: which span of the distributed trace a unit of work is; OTLP export behind the
+//!   cargo feature `otlp`.
 //! - [`notification`]: the lenient parser for Graph change/lifecycle notification payloads.
 //! - [`message`]: the queue wire format (CloudEvents envelopes) and its HMAC signing. The one
 //!   place that knows what bytes travel on the bus.
@@ -40,6 +42,7 @@ pub mod explain;
 pub mod graph;
 pub mod message;
 pub mod notification;
+pub mod otlp;
 pub mod policy;
 pub mod proofpoint;
 pub mod queue;

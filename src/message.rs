@@ -5,6 +5,13 @@
 //! serialized messages against them. Message types carry a version suffix (`.v1`); a new
 //! incompatible shape gets a new type string, and a worker that does not know a type
 //! dead-letters it instead of guessing.
+//!
+//! Two more things travel with every message and are owned here: the W3C trace context
+//! (`traceparent`, [`trace`]), written both as an AMQP header and as the CloudEvents
+//! distributed-tracing extension attribute, and — for outcome events — the routing key by
+//! decision ([`UserOutcome::routing_key`]), the one place that computes it.
+
+pub mod trace;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -21,6 +28,9 @@ pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 pub const SIGNATURE_HEADER: &str = "x-flagrelay-signature";
 /// AMQP header naming the key that produced [`SIGNATURE_HEADER`].
 pub const KEY_ID_HEADER: &str = "x-flagrelay-key-id";
+/// AMQP header (and CloudEvents extension attribute) carrying the W3C trace context. Not
+/// signed as a header (the copy in the envelope is); used for tracing only, never to decide.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// CloudEvents `source` of messages created by the receiver.
 pub const SOURCE_RECEIVER: &str = "urn:flagrelay:receiver";
 /// CloudEvents `source` of outcome events created by workers.
@@ -29,6 +39,8 @@ pub const SOURCE_WORKER: &str = "urn:flagrelay:worker";
 pub const TYPE_USER_CHANGED: &str = "io.flagrelay.graph.user.changed.v1";
 pub const TYPE_LIFECYCLE: &str = "io.flagrelay.graph.subscription.lifecycle.v1";
 pub const TYPE_USER_OUTCOME: &str = "io.flagrelay.user.outcome.v1";
+
+pub use trace::TraceContext;
 
 /// Where a user-changed message came from. Processing is the same for all of them; the origin
 /// is kept for logs and latency accounting.
@@ -93,8 +105,10 @@ pub struct UserOutcome {
     pub action: Option<String>,
     /// Why: the rule or guard that decided, or the reason it was skipped.
     pub reason: String,
+    /// Proofpoint `is_active` before, when read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub was_active: Option<bool>,
+    /// Proofpoint `is_active` after (in dry-run: what it would be), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_active: Option<bool>,
     pub dry_run: bool,
@@ -103,6 +117,92 @@ pub struct UserOutcome {
     /// Milliseconds from the cause's receipt to this outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<u64>,
+    /// The policy rule (or guard, e.g. `guard:admin`) that decided, once the policy ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// On Proofpoint's Azure-sync exemption list before, when read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub was_exempt: Option<bool>,
+    /// On the exemption list after (in dry-run: what it would be), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_exempt: Option<bool>,
+}
+
+/// What an outcome event announces, one routing key each on `{prefix}.events`:
+/// `decision.<name>` (see [`UserOutcome::routing_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Announcement {
+    /// Proofpoint was changed towards `activate` (made active, or an exemption flagrelay had
+    /// added removed so the scheduled sync applies again).
+    Activated,
+    /// Proofpoint was changed towards `deactivate` (made Not Active).
+    Deactivated,
+    /// Proofpoint was changed towards `keep_mail_flowing` (made active and/or exempted from
+    /// the scheduled sync).
+    KeptMailFlowing,
+    /// Proofpoint already matched the decision.
+    NoChange,
+    /// Left alone on purpose (`ignore` rule, guard, deleted user, unknown to Proofpoint, ...).
+    Skipped,
+    /// A deactivation the blast-radius breaker holds back.
+    Held,
+    /// Given up: the cause is in the dead-letter queue.
+    DeadLettered,
+}
+
+/// First segment of every outcome event's routing key.
+pub const DECISION_KEY_PREFIX: &str = "decision";
+
+impl Announcement {
+    pub const ALL: [Announcement; 7] = [
+        Announcement::Activated,
+        Announcement::Deactivated,
+        Announcement::KeptMailFlowing,
+        Announcement::NoChange,
+        Announcement::Skipped,
+        Announcement::Held,
+        Announcement::DeadLettered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Announcement::Activated => "activated",
+            Announcement::Deactivated => "deactivated",
+            Announcement::KeptMailFlowing => "kept_mail_flowing",
+            Announcement::NoChange => "no_change",
+            Announcement::Skipped => "skipped",
+            Announcement::Held => "held",
+            Announcement::DeadLettered => "dead_lettered",
+        }
+    }
+
+    /// `decision.<name>`, e.g. `decision.deactivated`.
+    pub fn routing_key(self) -> String {
+        format!("{DECISION_KEY_PREFIX}.{}", self.as_str())
+    }
+}
+
+impl UserOutcome {
+    /// What this event announces, from `result` and `action`: an `applied` outcome is named
+    /// by the action it carried out; every other result names itself.
+    pub fn announcement(&self) -> Announcement {
+        match (self.result.as_str(), self.action.as_deref()) {
+            ("applied", Some("deactivate")) => Announcement::Deactivated,
+            ("applied", Some("keep_mail_flowing")) => Announcement::KeptMailFlowing,
+            // `activate` — and nothing else writes: `ignore` never changes Proofpoint.
+            ("applied", _) => Announcement::Activated,
+            ("no_change", _) => Announcement::NoChange,
+            ("held", _) => Announcement::Held,
+            ("dead_lettered", _) => Announcement::DeadLettered,
+            _ => Announcement::Skipped,
+        }
+    }
+
+    /// The routing key of this event on the `{prefix}.events` topic exchange. The only
+    /// place that computes it.
+    pub fn routing_key(&self) -> String {
+        self.announcement().routing_key()
+    }
 }
 
 /// Every message type flagrelay puts on the bus.
@@ -143,6 +243,15 @@ impl Message {
             Message::UserChanged(m) => &m.tenant_id,
             Message::Lifecycle(m) => &m.tenant_id,
             Message::UserOutcome(m) => &m.tenant_id,
+        }
+    }
+
+    /// Routing key on the events exchange: outcome events by decision; other types are never
+    /// published there and get an empty key.
+    pub fn event_routing_key(&self) -> String {
+        match self {
+            Message::UserOutcome(o) => o.routing_key(),
+            _ => String::new(),
         }
     }
 
@@ -200,6 +309,9 @@ struct Envelope<D> {
     time: DateTime<Utc>,
     datacontenttype: String,
     dataschema: String,
+    /// CloudEvents distributed-tracing extension: the W3C trace context of the producer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
     data: D,
 }
 
@@ -211,8 +323,12 @@ pub struct Encoded {
     pub event_type: &'static str,
     /// See [`Message::shard_key`].
     pub shard_key: String,
+    /// Outcome events only: the routing key on the events exchange
+    /// ([`UserOutcome::routing_key`]). Work messages are routed by shard and leave it empty.
+    pub routing_key: String,
     pub body: Bytes,
-    /// Signature and key id (and, on retries, the queue layer's attempt bookkeeping).
+    /// Signature, key id and [`TRACEPARENT_HEADER`] (and, on retries, the queue layer's
+    /// attempt bookkeeping). Backends carry every entry as an AMQP string header.
     pub headers: BTreeMap<String, String>,
 }
 
@@ -323,9 +439,36 @@ impl Verifier {
     }
 }
 
-/// Serialize `message` into a signed envelope with the given id and time.
+/// Serialize `message` into a signed envelope with the given id and time, in a new trace.
 pub fn encode_with(message: &Message, id: String, time: DateTime<Utc>, signer: &Signer) -> Encoded {
-    fn envelope<D: Serialize>(m: &Message, id: &str, time: DateTime<Utc>, data: &D) -> Vec<u8> {
+    build(message, id, time, &TraceContext::new_root(), signer)
+}
+
+/// Serialize `message` with its [`Message::natural_id`] and the current time, in a new trace.
+pub fn encode(message: &Message, signer: &Signer) -> Encoded {
+    encode_traced(message, signer, &TraceContext::new_root())
+}
+
+/// Serialize `message` as part of `trace`: the trace context goes into the envelope
+/// (CloudEvents `traceparent` extension) and into the [`TRACEPARENT_HEADER`] header.
+pub fn encode_traced(message: &Message, signer: &Signer, trace: &TraceContext) -> Encoded {
+    build(message, message.natural_id(), Utc::now(), trace, signer)
+}
+
+fn build(
+    message: &Message,
+    id: String,
+    time: DateTime<Utc>,
+    trace: &TraceContext,
+    signer: &Signer,
+) -> Encoded {
+    fn envelope<D: Serialize>(
+        m: &Message,
+        id: &str,
+        time: DateTime<Utc>,
+        traceparent: &str,
+        data: &D,
+    ) -> Vec<u8> {
         let env = Envelope {
             specversion: "1.0".into(),
             id: id.to_owned(),
@@ -335,30 +478,38 @@ pub fn encode_with(message: &Message, id: String, time: DateTime<Utc>, signer: &
             time,
             datacontenttype: "application/json".into(),
             dataschema: format!("https://flagrelay.dev/schemas/{}", m.schema()),
+            traceparent: Some(traceparent.to_owned()),
             data,
         };
         serde_json::to_vec(&env).expect("message types always serialize")
     }
+    let traceparent = trace.to_string();
+    let tp = traceparent.as_str();
     let body = match message {
-        Message::UserChanged(d) => envelope(message, &id, time, d),
-        Message::Lifecycle(d) => envelope(message, &id, time, d),
-        Message::UserOutcome(d) => envelope(message, &id, time, d),
+        Message::UserChanged(d) => envelope(message, &id, time, tp, d),
+        Message::Lifecycle(d) => envelope(message, &id, time, tp, d),
+        Message::UserOutcome(d) => envelope(message, &id, time, tp, d),
     };
     let mut headers = BTreeMap::new();
     headers.insert(SIGNATURE_HEADER.to_owned(), signer.sign(&body));
     headers.insert(KEY_ID_HEADER.to_owned(), signer.key_id().to_owned());
+    headers.insert(TRACEPARENT_HEADER.to_owned(), traceparent);
     Encoded {
         id,
         event_type: message.event_type(),
         shard_key: message.shard_key(),
+        routing_key: message.event_routing_key(),
         body: Bytes::from(body),
         headers,
     }
 }
 
-/// Serialize `message` with its [`Message::natural_id`] and the current time.
-pub fn encode(message: &Message, signer: &Signer) -> Encoded {
-    encode_with(message, message.natural_id(), Utc::now(), signer)
+/// The trace context a consumed message carries in its [`TRACEPARENT_HEADER`] header, when
+/// that is a valid one.
+pub fn trace_of(headers: &BTreeMap<String, String>) -> Option<TraceContext> {
+    headers
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| TraceContext::parse(v))
 }
 
 /// Verify the signature, then parse the envelope into a typed message.
@@ -507,6 +658,77 @@ mod tests {
             decode(&body, &h, &v),
             Err(DecodeError::UnsupportedVersion(_))
         ));
+    }
+
+    fn outcome(result: &str, action: Option<&str>) -> UserOutcome {
+        UserOutcome {
+            tenant_id: "t1".into(),
+            user_id: "u1".into(),
+            address: None,
+            result: result.into(),
+            action: action.map(Into::into),
+            reason: "r".into(),
+            was_active: None,
+            is_active: None,
+            dry_run: false,
+            cause_id: "c".into(),
+            latency_ms: None,
+            rule: None,
+            was_exempt: None,
+            is_exempt: None,
+        }
+    }
+
+    #[test]
+    fn outcome_events_are_routed_by_decision() {
+        let table = [
+            ("applied", Some("activate"), "decision.activated"),
+            ("applied", Some("deactivate"), "decision.deactivated"),
+            (
+                "applied",
+                Some("keep_mail_flowing"),
+                "decision.kept_mail_flowing",
+            ),
+            ("no_change", Some("deactivate"), "decision.no_change"),
+            ("skipped", Some("ignore"), "decision.skipped"),
+            ("skipped", None, "decision.skipped"),
+            ("held", Some("deactivate"), "decision.held"),
+            ("dead_lettered", None, "decision.dead_lettered"),
+        ];
+        for (result, action, key) in table {
+            let o = outcome(result, action);
+            assert_eq!(o.routing_key(), key, "{result} {action:?}");
+            let enc = encode(&Message::UserOutcome(o), &signer("k1", "k"));
+            assert_eq!(enc.routing_key, key, "the encoded event carries it");
+        }
+        let keys: std::collections::BTreeSet<_> =
+            Announcement::ALL.iter().map(|a| a.routing_key()).collect();
+        assert_eq!(keys.len(), Announcement::ALL.len());
+        assert!(
+            keys.iter()
+                .all(|k| k.starts_with("decision.") && !k.contains(['*', '#']))
+        );
+        // Work messages never go to the events exchange.
+        assert_eq!(encode(&sample(), &signer("k1", "k")).routing_key, "");
+    }
+
+    #[test]
+    fn the_trace_context_travels_in_header_and_envelope() {
+        let s = signer("k1", "k");
+        let trace = TraceContext::new_root();
+        let enc = encode_traced(&sample(), &s, &trace);
+        assert_eq!(enc.headers[TRACEPARENT_HEADER], trace.to_string());
+        assert_eq!(trace_of(&enc.headers), Some(trace));
+        let env: serde_json::Value = serde_json::from_slice(&enc.body).unwrap();
+        assert_eq!(env["traceparent"], trace.to_string());
+        // Without one (or with garbage), there is none to continue.
+        let mut h = enc.headers.clone();
+        h.insert(TRACEPARENT_HEADER.into(), "00-nonsense".into());
+        assert_eq!(trace_of(&h), None);
+        // Plain `encode` starts a new trace each time.
+        let a = trace_of(&encode(&sample(), &s).headers).unwrap();
+        let b = trace_of(&encode(&sample(), &s).headers).unwrap();
+        assert_ne!(a.trace_id(), b.trace_id());
     }
 
     #[test]

@@ -21,8 +21,11 @@ use axum::routing::{get, post};
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
-use crate::message::{self, Message, Origin, Signer, SubscriptionLifecycle, UserChanged};
+use crate::message::{
+    self, Message, Origin, Signer, SubscriptionLifecycle, TraceContext, UserChanged,
+};
 use crate::notification::{self, ItemError};
 use crate::queue::Queue;
 use crate::telemetry::Metrics;
@@ -254,6 +257,32 @@ async fn handle(
     if items.len() > state.max_items {
         return Err(WebhookError::TooManyItems(items.len(), state.max_items));
     }
+    let span = tracing::info_span!(
+        "notifications",
+        items = items.len(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    // Continue the caller's trace when Graph or a proxy sent a valid `traceparent`, else
+    // start one; every message of the batch carries it to the worker.
+    let incoming = headers
+        .get(message::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse);
+    let trace = crate::otlp::continue_trace(&span, incoming);
+    publish_batch(&state, kind, &items, &trace)
+        .instrument(span)
+        .await
+}
+
+/// Authenticate, sign and publish the items of one collection; `202` only when every valid
+/// item is confirmed.
+async fn publish_batch(
+    state: &ReceiverState,
+    kind: Kind,
+    items: &[serde_json::Value],
+    trace: &TraceContext,
+) -> Result<Response, WebhookError> {
     let received_at = Utc::now();
     let messages: Vec<Message> = items
         .iter()
@@ -290,7 +319,7 @@ async fn handle(
 
     let encoded: Vec<_> = messages
         .iter()
-        .map(|m| message::encode(m, &state.signer))
+        .map(|m| message::encode_traced(m, &state.signer, trace))
         .collect();
     let results = futures::future::join_all(encoded.iter().map(|e| async {
         let started = std::time::Instant::now();

@@ -28,6 +28,10 @@ use crate::config::LogConfig;
 
 /// Install the global subscriber. `RUST_LOG` wins over the configured filter.
 pub fn init(cfg: &LogConfig) {
+    // With the `otlp` feature and OTEL_EXPORTER_OTLP_ENDPOINT set, spans are exported too.
+    if crate::otlp::init(cfg) {
+        return;
+    }
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -400,6 +400,7 @@ mod tests {
             id: id.into(),
             event_type: "t",
             shard_key: key.into(),
+            routing_key: String::new(),
             body: Bytes::from(id.to_owned()),
             headers: BTreeMap::new(),
         }

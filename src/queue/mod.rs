@@ -156,6 +156,7 @@ impl Delivered {
             id: self.message_id.clone().unwrap_or_default(),
             event_type: "",
             shard_key: String::new(),
+            routing_key: String::new(),
             body: self.body.clone(),
             headers,
         }
@@ -218,6 +219,7 @@ impl DeadLetter {
             id: self.message_id.clone().unwrap_or_default(),
             event_type: "",
             shard_key,
+            routing_key: String::new(),
             body: self.body.clone(),
             headers,
         }

@@ -16,6 +16,10 @@ mod lease;
 mod link;
 mod topology;
 
+pub use self::topology::{
+    ExchangeDescription, ExchangeType, QueueDescription, QueueRole, Route, TopologyDescription,
+};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +66,17 @@ impl RabbitQueue {
             publisher: Arc::new(Supervisor::new(cfg.clone())),
             cfg,
         }
+    }
+
+    /// The settings this backend was made with (prefix, shards, retry tiers, ...).
+    pub fn settings(&self) -> &QueueSettings {
+        &self.cfg.settings
+    }
+
+    /// Every exchange, queue, binding and publishing route of a deployment with `settings`,
+    /// exactly as [`Queue::declare`] declares them (the leader queue is declared by the lease).
+    pub fn describe(settings: &QueueSettings) -> TopologyDescription {
+        Topology::new(settings).describe()
     }
 
     /// Delete every exchange and queue of this prefix, with their messages. For tests and for
@@ -113,7 +128,8 @@ impl Queue for RabbitQueue {
     async fn publish_event(&self, message: &Encoded) -> Result<(), QueueError> {
         let target = Target {
             exchange: &self.cfg.topology.events_exchange(),
-            routing_key: message.event_type,
+            // By decision (`decision.deactivated`, ...), computed in `message.rs`.
+            routing_key: &message.routing_key,
             // Other systems subscribe if they want to; an event nobody reads is not an error.
             mandatory: false,
         };
@@ -535,6 +551,7 @@ mod tests {
             id: "id-1".into(),
             event_type: "io.flagrelay.test.v1",
             shard_key: "t/u".into(),
+            routing_key: String::new(),
             body: Bytes::from_static(b"{}"),
             headers,
         };

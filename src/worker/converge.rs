@@ -137,8 +137,11 @@ impl Worker {
         let decision = policy.decide(&facts, now);
         detail.action = Some(decision.action.as_str().to_owned());
         detail.reason = format!("{}: {}", decision.rule, decision.reason);
+        detail.rule = Some(decision.rule.clone());
         detail.was_active = Some(pp_user.is_active);
         detail.is_active = Some(pp_user.is_active);
+        detail.was_exempt = exempt;
+        detail.is_exempt = exempt;
 
         // Time alone can change some decisions (a grace period ending, a leave date passing):
         // schedule a durable recheck, once per due time.
@@ -183,6 +186,7 @@ impl Worker {
                 }
                 state.exemption_added = true;
             }
+            detail.is_exempt = Some(true);
             detail.reason.push_str("; added to the sync-exemption list");
             changed = true;
         } else if plan.remove_exemption {
@@ -192,6 +196,7 @@ impl Worker {
                 }
                 state.exemption_added = false;
             }
+            detail.is_exempt = Some(false);
             detail
                 .reason
                 .push_str("; removed the sync exemption flagrelay had added");

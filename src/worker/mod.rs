@@ -24,7 +24,7 @@ use tracing::{Instrument, Span, field};
 
 use crate::graph::GraphApi;
 use crate::message::{
-    self, DecodeError, Decoded, Message, Signer, UserChanged, UserOutcome, Verifier,
+    self, DecodeError, Decoded, Message, Signer, TraceContext, UserChanged, UserOutcome, Verifier,
 };
 use crate::policy::{Breaker, SharedPolicy};
 use crate::proofpoint::{OrgAccess, ProofpointApi};
@@ -179,25 +179,35 @@ impl Worker {
             user_id = field::Empty,
             attempt = previous + 1,
             redelivered = delivery.delivered.redelivered,
+            trace_id = field::Empty,
+            span_id = field::Empty,
         );
+        // This evaluation is a span of the trace the message came with (the receiver's, or
+        // whoever queued it); a message without a valid `traceparent` starts a new trace.
+        let trace =
+            crate::otlp::continue_trace(&span, message::trace_of(&delivery.delivered.headers));
         async {
             let decoded = match self.decode(&delivery.delivered) {
                 Ok(d) => d,
-                Err(outcome) => return self.finish(delivery, None, outcome, previous).await,
+                Err(outcome) => {
+                    return self
+                        .finish(delivery, None, *outcome, previous, &trace)
+                        .await;
+                }
             };
             Span::current().record("tenant_id", decoded.message.tenant_id());
             Span::current().record("user_id", decoded.message.subject());
             // Per-user serialization within this process; shards give it across processes.
             let _guard = self.locks.lock(decoded.message.shard_key()).await;
             let outcome = self.process(&decoded).await;
-            self.finish(delivery, Some(&decoded), outcome, previous)
+            self.finish(delivery, Some(&decoded), outcome, previous, &trace)
                 .await;
         }
         .instrument(span)
         .await
     }
 
-    fn decode(&self, delivered: &Delivered) -> Result<Decoded, Outcome> {
+    fn decode(&self, delivered: &Delivered) -> Result<Decoded, Box<Outcome>> {
         message::decode(&delivered.body, &delivered.headers, &self.verifier).map_err(|e| {
             let reason = match e {
                 DecodeError::MissingSignature | DecodeError::UnknownKey(_) | DecodeError::BadSignature => {
@@ -213,7 +223,7 @@ impl Worker {
                 DecodeError::Malformed(_) => "undecodable",
                 DecodeError::UnsupportedVersion(_) | DecodeError::UnknownType(_) => "unknown_message_type",
             };
-            Outcome::Permanent { reason, error: e.to_string() }
+            Box::new(Outcome::Permanent { reason, error: e.to_string() })
         })
     }
 
@@ -236,6 +246,7 @@ impl Worker {
         decoded: Option<&Decoded>,
         outcome: Outcome,
         previous: u32,
+        trace: &TraceContext,
     ) {
         let jitter = rand::rng().random_range(0.8..=1.2);
         let settlement = outcome::settle(&outcome, previous, &self.settings.retry, jitter);
@@ -298,8 +309,8 @@ impl Worker {
             || matches!(outcome, Outcome::Held { .. });
         if announce && let Some(Message::UserChanged(m)) = decoded.map(|d| &d.message) {
             self.record_decision(m, &outcome);
-            self.publish_outcome(m, decoded.map(|d| d.id.as_str()).unwrap_or(""), &outcome)
-                .await;
+            let cause_id = decoded.map(|d| d.id.as_str()).unwrap_or("");
+            self.publish_outcome(m, cause_id, &outcome, trace).await;
         }
         if let Err(error) = delivery.settle(&settlement).await {
             tracing::warn!(%error, "could not settle the message; the broker will redeliver it");
@@ -390,7 +401,13 @@ impl Worker {
         });
     }
 
-    async fn publish_outcome(&self, cause: &UserChanged, cause_id: &str, outcome: &Outcome) {
+    async fn publish_outcome(
+        &self,
+        cause: &UserChanged,
+        cause_id: &str,
+        outcome: &Outcome,
+        trace: &TraceContext,
+    ) {
         let (detail, reason) = match outcome {
             Outcome::Applied { detail } | Outcome::NoChange { detail } => {
                 (detail.clone(), detail.reason.clone())
@@ -420,13 +437,16 @@ impl Worker {
             dry_run: self.settings.dry_run,
             cause_id: cause_id.to_owned(),
             latency_ms: u64::try_from(latency).ok(),
+            rule: detail.rule,
+            was_exempt: detail.was_exempt,
+            is_exempt: detail.is_exempt,
         });
         // Outcome events inform other systems; Proofpoint's state is the truth. A failed
         // publish is counted and logged, and does not undo or repeat the work.
         if let Err(error) = self
             .deps
             .queue
-            .publish_event(&message::encode(&event, &self.signer))
+            .publish_event(&message::encode_traced(&event, &self.signer, trace))
             .await
         {
             Metrics::inc(&self.deps.metrics.outcome_event_failures_total);

@@ -41,6 +41,11 @@ pub struct Detail {
     pub reason: String,
     pub was_active: Option<bool>,
     pub is_active: Option<bool>,
+    /// The rule or guard that decided, once the policy ran.
+    pub rule: Option<String>,
+    /// On the sync-exemption list before / after (`None`: not read).
+    pub was_exempt: Option<bool>,
+    pub is_exempt: Option<bool>,
 }
 
 impl Outcome {

@@ -7,6 +7,8 @@
 mod support;
 
 mod admin;
+mod contracts;
+mod deployment;
 mod faults;
 mod hostile;
 mod outages;

@@ -136,6 +136,7 @@ fn message(key: &str, n: usize) -> Encoded {
         id,
         event_type: "io.flagrelay.test.v1",
         shard_key: key.to_owned(),
+        routing_key: String::new(),
         headers,
     }
 }
@@ -484,6 +485,7 @@ async fn one_consumer_per_shard_and_takeover(b: &Backend) {
 async fn publish_event_needs_nobody_bound(b: &Backend) {
     let mut event = message("tenant/user", 1);
     event.event_type = "io.flagrelay.user.outcome.v1";
+    event.routing_key = "decision.no_change".into();
     b.queue.publish_event(&event).await.expect("publish event");
     assert!(b.queue.ready().await);
 }

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use flagrelay::message::{
     self, KEY_ID_HEADER, Message, Origin, SIGNATURE_HEADER, Signer, SubscriptionLifecycle,
-    TYPE_LIFECYCLE, TYPE_USER_CHANGED, TYPE_USER_OUTCOME, UserChanged, UserOutcome,
+    TRACEPARENT_HEADER, TYPE_LIFECYCLE, TYPE_USER_CHANGED, TYPE_USER_OUTCOME, UserChanged,
+    UserOutcome,
 };
 use hmac::{Hmac, Mac};
 use jsonschema::Validator;
@@ -165,6 +166,9 @@ fn outcome(result: &str, action: Option<&str>, known: bool) -> Message {
         dry_run: !known,
         cause_id: uuid::Uuid::new_v4().to_string(),
         latency_ms: known.then_some(1234),
+        rule: known.then(|| "leavers".into()),
+        was_exempt: known.then_some(false),
+        is_exempt: known.then_some(true),
     })
 }
 
@@ -289,10 +293,22 @@ fn schemas_list_exactly_the_fields_the_code_writes() {
         let minimal = encoded(&case.minimal);
 
         assert_eq!(keys(&full), keys(&envelope["properties"]), "envelope keys");
+        // Every attribute is required but the tracing extension, which messages written
+        // before it existed lack (flagrelay itself always writes it now).
+        let mut required = keys(&full);
+        assert!(
+            required.remove(TRACEPARENT_HEADER),
+            "encode writes traceparent"
+        );
         assert_eq!(
-            keys(&full),
+            required,
             strings(&envelope["required"]),
             "envelope required"
+        );
+        assert_eq!(
+            keys(&minimal),
+            keys(&full),
+            "envelope keys of the minimal sample"
         );
         assert_eq!(
             keys(&full["data"]),
@@ -321,7 +337,7 @@ fn signature_headers_are_what_the_readme_documents() {
         let header_names: BTreeSet<&str> = enc.headers.keys().map(String::as_str).collect();
         assert_eq!(
             header_names,
-            BTreeSet::from([KEY_ID_HEADER, SIGNATURE_HEADER])
+            BTreeSet::from([KEY_ID_HEADER, SIGNATURE_HEADER, TRACEPARENT_HEADER])
         );
         assert_eq!(enc.headers[KEY_ID_HEADER], "k1");
 
@@ -338,6 +354,9 @@ fn signature_headers_are_what_the_readme_documents() {
 
         let doc: Value = serde_json::from_slice(&enc.body).unwrap();
         assert_eq!(doc["id"], enc.id.as_str());
+        // The trace context: the same W3C value in the header and the envelope extension.
+        assert_eq!(doc["traceparent"], enc.headers[TRACEPARENT_HEADER].as_str());
+        assert!(message::TraceContext::parse(&enc.headers[TRACEPARENT_HEADER]).is_some());
     }
 }
 
@@ -358,6 +377,9 @@ fn schemas_reject_drifted_messages() {
             d["specversion"] = json!("0.3")
         }),
         (ENVELOPE, changed(), "no time", |d| remove(d, "time")),
+        (ENVELOPE, changed(), "traceparent not W3C", |d| {
+            d["traceparent"] = json!("4bf92f3577b34da6a3ce929d0e0e4736")
+        }),
         (ENVELOPE, changed(), "time not a date-time", |d| {
             d["time"] = json!("yesterday")
         }),

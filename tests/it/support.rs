@@ -267,6 +267,14 @@ impl TestApp {
         format!("http://{}", self.app.admin_addr().expect("bound"))
     }
 
+    /// The test's unique RabbitMQ name prefix (RabbitMQ backend only).
+    pub fn amqp_prefix(&self) -> String {
+        match &self.queue {
+            TestQueue::Rabbit(q) => q.settings().prefix.clone(),
+            TestQueue::Embedded(_) => panic!("the embedded queue has no broker names"),
+        }
+    }
+
     /// The embedded queue, when the test runs on it (to read published events).
     pub fn embedded(&self) -> Option<&EmbeddedQueue> {
         match &self.queue {

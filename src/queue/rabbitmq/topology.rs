@@ -27,6 +27,72 @@ use crate::queue::{QueueError, QueueSettings};
 /// shard forever; 20 is also RabbitMQ 4's default, so 3.x and 4.x brokers behave alike.
 pub(super) const DELIVERY_LIMIT: i64 = 20;
 
+/// What [`Topology::declare`] creates, as data: every exchange, queue and binding, and every
+/// (exchange, routing key) flagrelay publishes with. `declare` walks this same list, so the
+/// contract tests that compare `schemas/asyncapi.yaml` with it compare with what is declared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyDescription {
+    pub exchanges: Vec<ExchangeDescription>,
+    pub queues: Vec<QueueDescription>,
+    /// Where flagrelay publishes: work, retry, dead-letter, events, and the lease token.
+    pub publishes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeDescription {
+    pub name: String,
+    pub kind: ExchangeType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    Topic,
+    Fanout,
+}
+
+impl ExchangeType {
+    /// The AMQP exchange type name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeType::Topic => "topic",
+            ExchangeType::Fanout => "fanout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDescription {
+    pub name: String,
+    pub role: QueueRole,
+    /// The binding pattern on its exchange; `None` for the leader queue (default exchange).
+    pub binding: Option<Route>,
+}
+
+/// What a queue is for; decides its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueRole {
+    DeadLetter,
+    Shard(u16),
+    /// Retry tier, in milliseconds.
+    Retry(u64),
+    /// The leader lease; declared by `lease.rs`, not by `declare`.
+    Leader,
+}
+
+/// An exchange and a routing key (or binding pattern).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+fn route(exchange: String, routing_key: impl Into<String>) -> Route {
+    Route {
+        exchange,
+        routing_key: routing_key.into(),
+    }
+}
+
 /// Every name and argument of one deployment's topology.
 #[derive(Debug, Clone)]
 pub(super) struct Topology {
@@ -101,6 +167,62 @@ impl Topology {
         format!("{}.events", self.prefix)
     }
 
+    /// Everything this deployment declares and publishes to (see [`TopologyDescription`]).
+    pub(super) fn describe(&self) -> TopologyDescription {
+        let exchanges = [
+            (self.work_exchange(), ExchangeType::Topic),
+            (self.retry_exchange(), ExchangeType::Topic),
+            (self.dead_exchange(), ExchangeType::Fanout),
+            (self.events_exchange(), ExchangeType::Topic),
+        ]
+        .into_iter()
+        .map(|(name, kind)| ExchangeDescription { name, kind })
+        .collect();
+
+        let mut queues = vec![QueueDescription {
+            name: self.dead_queue(),
+            role: QueueRole::DeadLetter,
+            binding: Some(route(self.dead_exchange(), "")),
+        }];
+        let mut publishes = Vec::new();
+        for shard in 0..self.shards {
+            queues.push(QueueDescription {
+                name: self.shard_queue(shard),
+                role: QueueRole::Shard(shard),
+                binding: Some(route(self.work_exchange(), Self::shard_binding(shard))),
+            });
+            publishes.push(route(self.work_exchange(), Self::work_routing_key(shard)));
+            // Dead-letter copies keep the shard's key; the fanout exchange ignores it.
+            publishes.push(route(self.dead_exchange(), Self::work_routing_key(shard)));
+        }
+        for &tier in &self.tiers_ms {
+            queues.push(QueueDescription {
+                name: self.retry_queue(tier),
+                role: QueueRole::Retry(tier),
+                binding: Some(route(self.retry_exchange(), Self::retry_binding(tier))),
+            });
+            for shard in 0..self.shards {
+                let key = Self::retry_routing_key(Duration::from_millis(tier), shard);
+                publishes.push(route(self.retry_exchange(), key));
+            }
+        }
+        queues.push(QueueDescription {
+            name: self.leader_queue(),
+            role: QueueRole::Leader,
+            binding: None,
+        });
+        // The lease token goes through the default exchange straight to the leader queue.
+        publishes.push(route(String::new(), self.leader_queue()));
+        for decision in crate::message::Announcement::ALL {
+            publishes.push(route(self.events_exchange(), decision.routing_key()));
+        }
+        TopologyDescription {
+            exchanges,
+            queues,
+            publishes,
+        }
+    }
+
     /// Arguments of every `{p}.shard.{i}` queue.
     pub(super) fn shard_queue_args(&self) -> FieldTable {
         let mut t = FieldTable::default();
@@ -160,45 +282,28 @@ impl Topology {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        for (name, kind) in [
-            (self.work_exchange(), ExchangeKind::Topic),
-            (self.retry_exchange(), ExchangeKind::Topic),
-            (self.dead_exchange(), ExchangeKind::Fanout),
-            (self.events_exchange(), ExchangeKind::Topic),
-        ] {
-            let declare = ch.exchange_declare(short(&name)?, kind, durable, FieldTable::default());
-            declaring(limit, &name, declare).await?;
+        let plan = self.describe();
+        for exchange in &plan.exchanges {
+            let kind = match exchange.kind {
+                ExchangeType::Topic => ExchangeKind::Topic,
+                ExchangeType::Fanout => ExchangeKind::Fanout,
+            };
+            let name = &exchange.name;
+            let declare = ch.exchange_declare(short(name)?, kind, durable, FieldTable::default());
+            declaring(limit, name, declare).await?;
         }
-
-        self.queue(ch, limit, &self.dead_queue(), Self::dead_queue_args())
-            .await?;
-        self.bind(ch, limit, &self.dead_queue(), &self.dead_exchange(), "")
-            .await?;
-        for shard in 0..self.shards {
-            let queue = self.shard_queue(shard);
-            self.queue(ch, limit, &queue, self.shard_queue_args())
-                .await?;
-            self.bind(
-                ch,
-                limit,
-                &queue,
-                &self.work_exchange(),
-                &Self::shard_binding(shard),
-            )
-            .await?;
-        }
-        for &tier in &self.tiers_ms {
-            let queue = self.retry_queue(tier);
-            self.queue(ch, limit, &queue, self.retry_queue_args(tier))
-                .await?;
-            self.bind(
-                ch,
-                limit,
-                &queue,
-                &self.retry_exchange(),
-                &Self::retry_binding(tier),
-            )
-            .await?;
+        for queue in &plan.queues {
+            let args = match queue.role {
+                QueueRole::DeadLetter => Self::dead_queue_args(),
+                QueueRole::Shard(_) => self.shard_queue_args(),
+                QueueRole::Retry(tier) => self.retry_queue_args(tier),
+                QueueRole::Leader => continue, // the lease declares its own queue
+            };
+            self.queue(ch, limit, &queue.name, args).await?;
+            if let Some(b) = &queue.binding {
+                self.bind(ch, limit, &queue.name, &b.exchange, &b.routing_key)
+                    .await?;
+            }
         }
         Ok(())
     }
