@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use flagrelay::message::{self, Message, Origin, Signer, UserChanged};
 use secrecy::SecretString;
 
 use crate::support::{Backend, Options, TENANT, TestApp, eventually};
@@ -63,23 +62,9 @@ fn sample(scrape: &str, series: &str) -> Option<f64> {
 
 /// Put a message signed with someone else's key on the bus: the worker dead-letters it.
 async fn forge(t: &TestApp, user_id: &str) {
-    let forged = Message::UserChanged(UserChanged {
-        tenant_id: TENANT.into(),
-        user_id: user_id.into(),
-        change_type: "updated".into(),
-        subscription_id: None,
-        event_time: None,
-        received_at: chrono::Utc::now(),
-        origin: Origin::Manual,
-        not_before: None,
-    });
-    let attacker = Signer::new(
-        "k1",
-        SecretString::from("an attacker's key, not ours, 32+ chars".to_owned()),
-    );
     t.app
         .queue
-        .publish(&message::encode(&forged, &attacker))
+        .publish(&crate::support::forged_change(user_id))
         .await
         .unwrap();
 }

@@ -27,9 +27,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use flagrelay::message::{
-    self, Encoded, KEY_ID_HEADER, Message, Origin, SIGNATURE_HEADER, UserChanged,
-};
+use flagrelay::message::{self, Encoded, KEY_ID_HEADER, SIGNATURE_HEADER};
 use flagrelay::queue::DeadLetter;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
@@ -103,19 +101,7 @@ async fn poison_messages_on_the_bus_are_dead_lettered_with_their_reason_and_work
     // Blocked in Graph: any poison message that got evaluated would deactivate the victim.
     t.sandbox.set_enabled(&victim, false);
     let signer = t.app.config.signing.signer();
-    let valid = message::encode(
-        &Message::UserChanged(UserChanged {
-            tenant_id: TENANT.into(),
-            user_id: victim.id.clone(),
-            change_type: "updated".into(),
-            subscription_id: None,
-            event_time: None,
-            received_at: chrono::Utc::now(),
-            origin: Origin::Manual,
-            not_before: None,
-        }),
-        &signer,
-    );
+    let valid = message::encode(&crate::support::manual_change(&victim.id), &signer);
     let envelope: serde_json::Value = serde_json::from_slice(&valid.body).unwrap();
     // A body signed with our own key (what a compromised or buggy publisher could send).
     let signed = |id: &str, body: Vec<u8>| {

@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use flagrelay::message::{self, Message, Origin, Signer, UserChanged};
 use flagrelay::queue::{DeadLetter, Queue};
 use flagrelay::telemetry::Metrics;
-use secrecy::SecretString;
 
 use crate::support::{Backend, ORG_B, Options, TENANT, TENANT_B, TestApp, eventually, processed};
 
@@ -196,23 +194,9 @@ async fn a_message_with_a_bad_signature_is_dead_lettered_and_never_applied() {
         })
         .unwrap();
     t.sandbox.set_enabled(&dave, false);
-    let forged = Message::UserChanged(UserChanged {
-        tenant_id: TENANT.into(),
-        user_id: dave.id.clone(),
-        change_type: "updated".into(),
-        subscription_id: None,
-        event_time: None,
-        received_at: chrono::Utc::now(),
-        origin: Origin::Manual,
-        not_before: None,
-    });
-    let attacker = Signer::new(
-        "k1",
-        SecretString::from("an attacker's key, not ours, 32+ chars".to_owned()),
-    );
     t.app
         .queue
-        .publish(&message::encode(&forged, &attacker))
+        .publish(&crate::support::forged_change(&dave.id))
         .await
         .unwrap();
     let dead = dead_letters(t.app.queue.as_ref(), 1).await;

@@ -432,3 +432,29 @@ async fn copy(
         }
     }
 }
+
+/// A `user.changed` message for `user_id` in [`TENANT`], as a manual request would put it on
+/// the bus (unsigned yet).
+pub fn manual_change(user_id: &str) -> flagrelay::message::Message {
+    use flagrelay::message::{Message, Origin, UserChanged};
+    Message::UserChanged(UserChanged {
+        tenant_id: TENANT.into(),
+        user_id: user_id.into(),
+        change_type: "updated".into(),
+        subscription_id: None,
+        event_time: None,
+        received_at: chrono::Utc::now(),
+        origin: Origin::Manual,
+        not_before: None,
+    })
+}
+
+/// [`manual_change`] signed with a key that is not the deployment's (under the current key
+/// id): what something else publishing to the exchange would send.
+pub fn forged_change(user_id: &str) -> flagrelay::message::Encoded {
+    let attacker = flagrelay::message::Signer::new(
+        "k1",
+        SecretString::from("an attacker's key, not ours, 32+ chars".to_owned()),
+    );
+    flagrelay::message::encode(&manual_change(user_id), &attacker)
+}
