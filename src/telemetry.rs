@@ -58,6 +58,7 @@ counters! {
     notifications_dropped_unknown_tenant_total: "Items dropped because the tenant is not configured.",
     notifications_dropped_malformed_total: "Items dropped because they could not be parsed.",
     webhook_unavailable_total: "Batches answered 503 because the broker did not take them.",
+    webhook_saturated_total: "Batches answered 503 at once because receiver.max_in_flight items were being published.",
     handshakes_total: "Validation handshakes answered.",
     outcomes_applied_total: "Proofpoint users changed (or, in dry-run, that would be).",
     outcomes_no_change_total: "Evaluations where Proofpoint already matched the decision.",
