@@ -27,7 +27,7 @@ use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
-use crate::message::{self, Message, Origin, Signer, SubscriptionLifecycle, UserChanged};
+use crate::message::{self, Encoded, Message, Origin, Signer, SubscriptionLifecycle, UserChanged};
 use crate::notification::{self, ItemError};
 use crate::queue::Queue;
 use crate::telemetry::Metrics;
@@ -117,7 +117,7 @@ pub fn router(state: ReceiverState, settings: &ReceiverSettings) -> Router {
 
 /// Why a request was refused, mapped to a status in one place.
 #[derive(Debug, thiserror::Error)]
-enum WebhookError {
+pub enum WebhookError {
     #[error("validationToken is empty, too long, or contains markup or control characters")]
     BadValidationToken,
     #[error("Content-Type must be application/json")]
@@ -198,65 +198,21 @@ async fn handle(
     if !is_json {
         return Err(WebhookError::UnsupportedMediaType);
     }
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(WebhookError::EmptyBody);
-    }
-    let items = notification::parse_collection(&body)?;
-    if items.len() > state.max_items {
-        return Err(WebhookError::TooManyItems(items.len(), state.max_items));
-    }
-    let received_at = Utc::now();
-    let messages: Vec<Message> = items
-        .iter()
-        .filter_map(|item| {
-            Metrics::inc(&state.metrics.notifications_received_total);
-            let parsed = match kind {
-                Kind::Change => notification::parse_change(item).map(|n| {
-                    let m = Message::UserChanged(UserChanged {
-                        tenant_id: n.tenant_id,
-                        user_id: n.user_id,
-                        change_type: n.change_type,
-                        subscription_id: n.subscription_id,
-                        event_time: n.event_time,
-                        received_at,
-                        origin: Origin::Notification,
-                        not_before: None,
-                    });
-                    (m, n.client_state)
-                }),
-                Kind::Lifecycle => notification::parse_lifecycle(item).map(|n| {
-                    let m = Message::Lifecycle(SubscriptionLifecycle {
-                        tenant_id: n.tenant_id,
-                        subscription_id: n.subscription_id,
-                        lifecycle_event: n.lifecycle_event,
-                        subscription_expiration: n.subscription_expiration,
-                        received_at,
-                    });
-                    (m, n.client_state)
-                }),
-            };
-            state.admit(parsed)
-        })
-        .collect();
-
+    let encoded = state.prepare(kind, &body)?;
     // Held until every publish of the batch is settled. A batch larger than the whole budget
     // takes all of it rather than never fitting.
-    let wanted = u32::try_from(messages.len().min(state.max_in_flight)).unwrap_or(u32::MAX);
+    let wanted = u32::try_from(encoded.len().min(state.max_in_flight)).unwrap_or(u32::MAX);
     let _permits = match state.in_flight.clone().try_acquire_many_owned(wanted) {
         Ok(p) => p,
         Err(_) => {
             Metrics::inc(&state.metrics.webhook_saturated_total);
             tracing::debug!(
-                items = messages.len(),
+                items = encoded.len(),
                 "receiver saturated (receiver.max_in_flight); answering 503 at once"
             );
             return Err(WebhookError::Saturated(state.retry_after));
         }
     };
-    let encoded: Vec<_> = messages
-        .iter()
-        .map(|m| message::encode(m, &state.signer))
-        .collect();
     let results = futures::future::join_all(encoded.iter().map(|e| state.queue.publish(e))).await;
     let failures: Vec<_> = results.into_iter().filter_map(Result::err).collect();
     if let Some(first) = failures.first() {
@@ -277,6 +233,63 @@ async fn handle(
         tracing::debug!(message_id = %e.id, shard_key = %e.shard_key, "enqueued");
     }
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+impl ReceiverState {
+    /// Everything the webhook does to a notification collection before publishing: parse,
+    /// authenticate each item, build and sign the envelopes. No IO.
+    fn prepare(&self, kind: Kind, body: &[u8]) -> Result<Vec<Encoded>, WebhookError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(WebhookError::EmptyBody);
+        }
+        let items = notification::parse_collection(body)?;
+        if items.len() > self.max_items {
+            return Err(WebhookError::TooManyItems(items.len(), self.max_items));
+        }
+        let received_at = Utc::now();
+        let messages: Vec<Message> = items
+            .iter()
+            .filter_map(|item| {
+                Metrics::inc(&self.metrics.notifications_received_total);
+                let parsed = match kind {
+                    Kind::Change => notification::parse_change(item).map(|n| {
+                        let m = Message::UserChanged(UserChanged {
+                            tenant_id: n.tenant_id,
+                            user_id: n.user_id,
+                            change_type: n.change_type,
+                            subscription_id: n.subscription_id,
+                            event_time: n.event_time,
+                            received_at,
+                            origin: Origin::Notification,
+                            not_before: None,
+                        });
+                        (m, n.client_state)
+                    }),
+                    Kind::Lifecycle => notification::parse_lifecycle(item).map(|n| {
+                        let m = Message::Lifecycle(SubscriptionLifecycle {
+                            tenant_id: n.tenant_id,
+                            subscription_id: n.subscription_id,
+                            lifecycle_event: n.lifecycle_event,
+                            subscription_expiration: n.subscription_expiration,
+                            received_at,
+                        });
+                        (m, n.client_state)
+                    }),
+                };
+                self.admit(parsed)
+            })
+            .collect();
+        Ok(messages
+            .iter()
+            .map(|m| message::encode(m, &self.signer))
+            .collect())
+    }
+
+    /// [`ReceiverState::prepare`] of a change-notification collection, for the
+    /// micro-benchmarks (`benches/`).
+    pub fn prepare_changes(&self, body: &[u8]) -> Result<Vec<Encoded>, WebhookError> {
+        self.prepare(Kind::Change, body)
+    }
 }
 
 impl ReceiverState {

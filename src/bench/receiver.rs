@@ -118,7 +118,14 @@ struct RunResult {
     accepted: Latencies,
     /// Latency of every other answer (`503`s when saturated).
     refused: Latencies,
+    /// Open loop: how late the generator sent requests (it shares the machine's CPUs).
+    lag: Latencies,
+    /// Every answer's latency from the actual send (without the generator's lag).
+    from_send_accepted: Latencies,
+    from_send_refused: Latencies,
     elapsed: Duration,
+    /// Peak RSS of the target process during the run.
+    peak_rss: Option<u64>,
 }
 
 impl RunResult {
@@ -305,47 +312,75 @@ pub async fn run(args: ReceiverArgs, config_path: Option<&Path>) -> anyhow::Resu
         );
     }
 
-    println!("  duration:    {:?} per run; latency p50 / p90 / p99 / max in ms", args.duration);
+    println!(
+        "  duration:    {:?} per run; latency p50 / p90 / p99 / max in ms, from the scheduled send \
+         (open loop) or the send (saturation); \"p99 from send\": 202 / other answers, without the \
+         generator's own lag",
+        args.duration
+    );
     println!();
     println!(
-        "  {:<16} {:<28} {:>11} {:>9}  {:<30} {:<32} {}",
-        "target", "load", "accepted/s", "items/s", "answers", "202 latency", "other answers' latency"
+        "  {:<16} {:<26} {:>10} {:>8}  {:<24} {:<28} {:<28} {:<13} {:>9} {:>9}",
+        "target",
+        "load",
+        "accepted/s",
+        "items/s",
+        "answers",
+        "202 latency",
+        "other answers",
+        "p99 from send",
+        "gen lag99",
+        "peak RSS"
     );
     let mut saturation: BTreeMap<&'static str, f64> = BTreeMap::new();
     let report = |e: &Endpoint, load: Load, r: &RunResult| {
+        let p99 = |l: &Latencies| {
+            if l.count() > 0 {
+                format!("{:.0}", l.ms(0.99))
+            } else {
+                "-".into()
+            }
+        };
         println!(
-            "  {:<16} {:<28} {:>11.0} {:>9.0}  {:<30} {:<32} {}",
+            "  {:<16} {:<26} {:>10.0} {:>8.0}  {:<24} {:<28} {:<28} {:<13} {:>9} {:>9}",
             e.target.name(),
             load.to_string(),
             r.accepted_per_sec(),
             r.accepted_per_sec() * args.batch.max(1) as f64,
             r.statuses(),
             r.accepted.summary(),
-            r.refused.summary()
+            r.refused.summary(),
+            format!("{} / {}", p99(&r.from_send_accepted), p99(&r.from_send_refused)),
+            if r.lag.count() > 0 {
+                format!("{:.1}", r.lag.ms(0.99))
+            } else {
+                "-".into()
+            },
+            support::mib(r.peak_rss)
         );
     };
     if let Some(rate) = args.rate {
-        for e in &endpoints {
-            let r = generate(&client, &e.url, &bodies, Load::Open(rate), args.duration).await;
+        for e in &mut endpoints {
+            let r = measure(&client, e, &bodies, Load::Open(rate), args.duration).await;
             report(e, Load::Open(rate), &r);
         }
     } else {
         // Saturation of every target first, then half load: the ceilings and flagrelay are
         // measured close together in time, under the same background load.
-        for e in &endpoints {
+        for e in &mut endpoints {
             let load = Load::Saturate(args.concurrency);
-            let r = generate(&client, &e.url, &bodies, load, args.duration).await;
+            let r = measure(&client, e, &bodies, load, args.duration).await;
             report(e, load, &r);
             saturation.insert(e.target.name(), r.accepted_per_sec());
         }
-        for e in &endpoints {
+        for e in &mut endpoints {
             let load = Load::Open((saturation[e.target.name()] / 2.0).max(1.0));
-            let r = generate(&client, &e.url, &bodies, load, args.duration).await;
+            let r = measure(&client, e, &bodies, load, args.duration).await;
             report(e, load, &r);
         }
-        for e in endpoints.iter().filter(|e| e.target == Target::Flagrelay) {
+        for e in endpoints.iter_mut().filter(|e| e.target == Target::Flagrelay) {
             let load = Load::Open((saturation[e.target.name()] * 1.5).max(1.0));
-            let r = generate(&client, &e.url, &bodies, load, args.duration).await;
+            let r = measure(&client, e, &bodies, load, args.duration).await;
             report(e, load, &r);
         }
     }
@@ -363,8 +398,7 @@ pub async fn run(args: ReceiverArgs, config_path: Option<&Path>) -> anyhow::Resu
     }
     for e in endpoints {
         if let Some(p) = e.process {
-            let name = p.name.clone();
-            println!("  peak RSS {:<14} {}", name, support::mib(p.stop().await));
+            p.stop().await;
         }
     }
     println!("  load average after: {}", support::load_average());
@@ -375,6 +409,22 @@ pub async fn run(args: ReceiverArgs, config_path: Option<&Path>) -> anyhow::Resu
     }
     drop(sandbox);
     Ok(())
+}
+
+/// [`generate`] against `e`, with the target's peak RSS during the run.
+async fn measure(
+    client: &reqwest::Client,
+    e: &mut Endpoint,
+    bodies: &Arc<Bodies>,
+    load: Load,
+    duration: Duration,
+) -> RunResult {
+    if let Some(p) = &mut e.process {
+        p.reset_peak_rss();
+    }
+    let mut r = generate(client, &e.url, bodies, load, duration).await;
+    r.peak_rss = e.process.as_mut().and_then(FlagrelayProcess::peak_rss_kib);
+    r
 }
 
 /// Offer `load` to `url` for `duration` and collect the answers.
@@ -399,7 +449,7 @@ async fn generate(
                     while start.elapsed() < duration {
                         let sent = Instant::now();
                         let answer = send(&client, &endpoint, bodies.get(i)).await;
-                        record(&result, answer, sent.elapsed());
+                        record(&result, answer, sent.elapsed(), sent.elapsed());
                         i += n as u64;
                     }
                 });
@@ -429,9 +479,11 @@ async fn generate(
                             in_flight.clone(),
                         );
                         tasks.spawn(async move {
+                            let sent = Instant::now();
                             let answer = send(&client, &endpoint, body).await;
+                            result.lock().expect("not poisoned").lag.record(sent - due);
                             // From the scheduled time: queueing in the target counts.
-                            record(&result, answer, due.elapsed());
+                            record(&result, answer, due.elapsed(), sent.elapsed());
                             in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         });
                     }
@@ -469,17 +521,19 @@ async fn send(client: &reqwest::Client, endpoint: &str, body: bytes::Bytes) -> O
     Some(status)
 }
 
-fn record(result: &Mutex<RunResult>, answer: Option<u16>, latency: Duration) {
+fn record(result: &Mutex<RunResult>, answer: Option<u16>, latency: Duration, from_send: Duration) {
     let mut r = result.lock().expect("not poisoned");
     r.sent += 1;
     match answer {
         Some(202) => {
             *r.statuses.entry(202).or_default() += 1;
             r.accepted.record(latency);
+            r.from_send_accepted.record(from_send);
         }
         Some(status) => {
             *r.statuses.entry(status).or_default() += 1;
             r.refused.record(latency);
+            r.from_send_refused.record(from_send);
         }
         None => r.transport_errors += 1,
     }

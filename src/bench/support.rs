@@ -201,6 +201,12 @@ impl FlagrelayProcess {
         self.peak
     }
 
+    /// Start measuring the peak RSS afresh (`/proc/PID/clear_refs`, "5" resets `VmHWM`).
+    pub fn reset_peak_rss(&mut self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5");
+        self.peak = None;
+    }
+
     /// Wait for the process to exit by itself, sampling its peak RSS meanwhile (every
     /// 20 ms: a peak in its last instants can be missed).
     pub async fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
