@@ -26,6 +26,23 @@ const TENANT: &str = "00000000-0000-0000-0000-0000000e2e00";
 const ORG: &str = "e2e.example";
 /// Flips made (and awaited) before measuring, proving that every process is consuming.
 const WARM_UP: usize = 20;
+/// The default policy: mirror `accountEnabled` (one Graph read per change), with the
+/// blast-radius breaker opened, since the benchmark deactivates thousands of users on purpose.
+const MIRROR_OPEN_BREAKER: &str = r#"
+[breaker]
+max_deactivations = 10000000
+max_share = 1.0
+window = "1h"
+
+[[rule]]
+name = "enabled"
+when = { account_enabled = true }
+action = "activate"
+
+[[rule]]
+name = "default"
+action = "deactivate"
+"#;
 
 #[derive(Debug, clap::Args)]
 pub struct E2eArgs {
@@ -64,7 +81,8 @@ pub struct E2eArgs {
     /// default of 5 would cap a worker at 2.5 changes/s).
     #[arg(long, default_value_t = 5_000)]
     pub proofpoint_rps: u32,
-    /// Policy file (default: the built-in mirror policy: one Graph read per change).
+    /// Policy file (default: mirror `accountEnabled`, one Graph read per change). Its
+    /// breaker is opened: the benchmark deactivates thousands of users on purpose.
     #[arg(long)]
     pub policy: Option<PathBuf>,
     #[arg(long, env = "FLAGRELAY_BENCH_AMQP_URL", default_value = support::LOCAL_AMQP_URL)]
@@ -94,11 +112,14 @@ struct RunResult {
 pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     let scratch = Scratch::new("e2e")?;
     let mut sandbox = Sandbox::start(TENANT, ORG).await?;
-    if let Some(policy) = &args.policy {
-        let text = std::fs::read_to_string(policy)
-            .with_context(|| format!("reading {}", policy.display()))?;
-        sandbox.use_policy(&text)?;
-    }
+    let policy = match &args.policy {
+        Some(file) => open_breaker(
+            &std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?,
+        ),
+        None => MIRROR_OPEN_BREAKER.to_owned(),
+    };
+    sandbox.use_policy(&policy)?;
     let seeding = Instant::now();
     let mut users: Vec<(SeededUser, bool)> = (1..=args.users)
         .map(|i| (sandbox.seed_user(&format!("user{i:06}"), true, "end_user"), true))
@@ -115,11 +136,11 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     println!("flagrelay bench e2e");
     println!("  machine:     {}", support::machine());
     println!(
-        "  tenant:      {} users seeded in {seeded_in:.1?}; policy {}",
+        "  tenant:      {} users seeded in {seeded_in:.1?}; policy {} (breaker opened)",
         args.users,
         args.policy
             .as_ref()
-            .map_or("built-in mirror".into(), |p| p.display().to_string())
+            .map_or("mirror accountEnabled".into(), |p| p.display().to_string())
     );
     println!(
         "  load:        {} flips per configuration at {}/s, {} notification(s) per flip",
@@ -165,7 +186,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
         "workers (peak RSS)"
     );
     for r in &results {
-        let n = r.converged.max(1) as f64;
+        let n = args.flips.max(1) as f64;
         println!(
             "  {:>7} {:>6} {:>10.0} {:>10.0} {:>12} {:<30} {:>11.2} {:>11.2} {:>11.2} {:>9} {}",
             r.workers,
@@ -379,4 +400,20 @@ async fn converge(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `policy` with its blast-radius breaker opened wide (its limits replaced, or a section added).
+fn open_breaker(policy: &str) -> String {
+    let limits = regex::Regex::new(r"(?m)^\s*(max_deactivations|max_share)\s*=.*$")
+        .expect("static regex");
+    let opened = limits.replace_all(policy, "");
+    let opened = if opened.contains("[breaker]") {
+        opened.replace(
+            "[breaker]",
+            "[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0",
+        )
+    } else {
+        format!("[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0\nwindow = \"1h\"\n\n{opened}")
+    };
+    opened
 }
