@@ -68,13 +68,16 @@ fn receiver(c: &mut Criterion) {
     );
     for items in [1, 100] {
         let body = collection(items);
-        c.bench_function(&format!("receiver: parse+auth+sign, {items} item(s)"), |b| {
-            b.iter(|| {
-                let encoded = state.prepare_changes(black_box(&body)).unwrap();
-                assert_eq!(encoded.len(), items);
-                encoded
-            })
-        });
+        c.bench_function(
+            &format!("receiver: parse+auth+sign, {items} item(s)"),
+            |b| {
+                b.iter(|| {
+                    let encoded = state.prepare_changes(black_box(&body)).unwrap();
+                    assert_eq!(encoded.len(), items);
+                    encoded
+                })
+            },
+        );
     }
 }
 

@@ -198,20 +198,16 @@ async fn handle(
     if !is_json {
         return Err(WebhookError::UnsupportedMediaType);
     }
+    // Saturated: refuse before spending CPU on parsing and signing.
+    if state.in_flight.available_permits() == 0 {
+        return Err(state.saturated(0));
+    }
     let encoded = state.prepare(kind, &body)?;
     // Held until every publish of the batch is settled. A batch larger than the whole budget
     // takes all of it rather than never fitting.
     let wanted = u32::try_from(encoded.len().min(state.max_in_flight)).unwrap_or(u32::MAX);
-    let _permits = match state.in_flight.clone().try_acquire_many_owned(wanted) {
-        Ok(p) => p,
-        Err(_) => {
-            Metrics::inc(&state.metrics.webhook_saturated_total);
-            tracing::debug!(
-                items = encoded.len(),
-                "receiver saturated (receiver.max_in_flight); answering 503 at once"
-            );
-            return Err(WebhookError::Saturated(state.retry_after));
-        }
+    let Ok(_permits) = state.in_flight.clone().try_acquire_many_owned(wanted) else {
+        return Err(state.saturated(encoded.len()));
     };
     let results = futures::future::join_all(encoded.iter().map(|e| state.queue.publish(e))).await;
     let failures: Vec<_> = results.into_iter().filter_map(Result::err).collect();
@@ -283,6 +279,17 @@ impl ReceiverState {
             .iter()
             .map(|m| message::encode(m, &self.signer))
             .collect())
+    }
+
+    /// Count and answer a batch refused because `receiver.max_in_flight` items are being
+    /// published.
+    fn saturated(&self, items: usize) -> WebhookError {
+        Metrics::inc(&self.metrics.webhook_saturated_total);
+        tracing::debug!(
+            items,
+            "receiver saturated (receiver.max_in_flight); answering 503 at once"
+        );
+        WebhookError::Saturated(self.retry_after)
     }
 
     /// [`ReceiverState::prepare`] of a change-notification collection, for the

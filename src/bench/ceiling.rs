@@ -154,7 +154,10 @@ async fn connect(config: &Config, items: usize) -> anyhow::Result<Publisher> {
         .parse()
         .map_err(|_| anyhow::anyhow!("invalid value for `amqp.url`"))?;
     // lapin reads IP hosts as "localhost" (see queue/rabbitmq.rs); name the IP itself.
-    match url::Url::parse(url.expose_secret()).ok().and_then(|u| u.host().map(|h| h.to_owned())) {
+    match url::Url::parse(url.expose_secret())
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()))
+    {
         Some(url::Host::Ipv4(ip)) => uri.authority.host = ip.to_string(),
         Some(url::Host::Ipv6(ip)) => uri.authority.host = ip.to_string(),
         _ => {}

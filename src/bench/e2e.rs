@@ -122,7 +122,12 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     sandbox.use_policy(&policy)?;
     let seeding = Instant::now();
     let mut users: Vec<(SeededUser, bool)> = (1..=args.users)
-        .map(|i| (sandbox.seed_user(&format!("user{i:06}"), true, "end_user"), true))
+        .map(|i| {
+            (
+                sandbox.seed_user(&format!("user{i:06}"), true, "end_user"),
+                true,
+            )
+        })
         .collect();
     let seeded_in = seeding.elapsed();
     sandbox
@@ -163,9 +168,17 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     let mut cursor = 0usize;
     for &shards in &args.shards {
         for &workers in &args.workers {
-            let r = run_one(&args, &sandbox, &scratch, &mut users, &mut cursor, workers, shards)
-                .await
-                .with_context(|| format!("{workers} worker(s), {shards} shards"))?;
+            let r = run_one(
+                &args,
+                &sandbox,
+                &scratch,
+                &mut users,
+                &mut cursor,
+                workers,
+                shards,
+            )
+            .await
+            .with_context(|| format!("{workers} worker(s), {shards} shards"))?;
             results.push(r);
         }
     }
@@ -270,7 +283,12 @@ async fn run_one(
     for i in 0..workers {
         let mut c = cfg.clone();
         c.worker.state_dir = dir.join(format!("worker-{i}"));
-        procs.push(FlagrelayProcess::spawn(&format!("worker-{i}"), &["work"], &c, &dir)?);
+        procs.push(FlagrelayProcess::spawn(
+            &format!("worker-{i}"),
+            &["work"],
+            &c,
+            &dir,
+        )?);
     }
 
     // Warm up: every consumer attached and every connection made.
@@ -286,14 +304,19 @@ async fn run_one(
             p.ensure_running(&dir)?;
         }
         receiver.ensure_running(&dir)?;
-        anyhow::bail!("the pipeline did not converge while warming up (logs in {})", dir.display());
+        anyhow::bail!(
+            "the pipeline did not converge while warming up (logs in {})",
+            dir.display()
+        );
     }
 
     // Measure.
     sandbox.proofpoint.clear_records();
     let pp_before = sandbox.proofpoint.counters();
     let graph_log_before = sandbox.graph.request_log().len();
-    let chosen: Vec<usize> = (0..args.flips).map(|k| (*cursor + k) % users.len()).collect();
+    let chosen: Vec<usize> = (0..args.flips)
+        .map(|k| (*cursor + k) % users.len())
+        .collect();
     *cursor += args.flips;
     let mut flipped_at: HashMap<String, (Instant, bool)> = HashMap::new();
     let start = Instant::now();
@@ -348,8 +371,7 @@ async fn run_one(
         workers,
         shards,
         converged: latency.count() as usize,
-        applied_per_sec: latency.count() as f64
-            / (last_write - start).as_secs_f64().max(1e-9),
+        applied_per_sec: latency.count() as f64 / (last_write - start).as_secs_f64().max(1e-9),
         offered_per_sec: offered,
         latency,
         user_reads,
@@ -404,8 +426,8 @@ async fn converge(
 
 /// `policy` with its blast-radius breaker opened wide (its limits replaced, or a section added).
 fn open_breaker(policy: &str) -> String {
-    let limits = regex::Regex::new(r"(?m)^\s*(max_deactivations|max_share)\s*=.*$")
-        .expect("static regex");
+    let limits =
+        regex::Regex::new(r"(?m)^\s*(max_deactivations|max_share)\s*=.*$").expect("static regex");
     let opened = limits.replace_all(policy, "");
     let opened = if opened.contains("[breaker]") {
         opened.replace(
@@ -413,7 +435,9 @@ fn open_breaker(policy: &str) -> String {
             "[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0",
         )
     } else {
-        format!("[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0\nwindow = \"1h\"\n\n{opened}")
+        format!(
+            "[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0\nwindow = \"1h\"\n\n{opened}"
+        )
     };
     opened
 }

@@ -124,8 +124,12 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
             eprintln!("note: could not delete the bench queues: {e}");
         }
         // Seeding the next size runs without latency again.
-        sandbox.graph.update_faults(|f| f.api_latency = Duration::ZERO)?;
-        sandbox.proofpoint.set_latency(Duration::ZERO, Duration::ZERO);
+        sandbox
+            .graph
+            .update_faults(|f| f.api_latency = Duration::ZERO)?;
+        sandbox
+            .proofpoint
+            .set_latency(Duration::ZERO, Duration::ZERO);
     }
     println!("  load average after: {}", support::load_average());
     Ok(())

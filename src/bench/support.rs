@@ -171,9 +171,15 @@ impl FlagrelayProcess {
             }
         }
         let secrets = [
-            ("FLAGRELAY_GRAPH__CLIENT_SECRET", &config.graph.client_secret),
+            (
+                "FLAGRELAY_GRAPH__CLIENT_SECRET",
+                &config.graph.client_secret,
+            ),
             ("FLAGRELAY_GRAPH__CLIENT_STATE", &config.graph.client_state),
-            ("FLAGRELAY_PROOFPOINT__PASSWORD", &config.proofpoint.password),
+            (
+                "FLAGRELAY_PROOFPOINT__PASSWORD",
+                &config.proofpoint.password,
+            ),
             ("FLAGRELAY_SIGNING__KEY", &config.signing.key),
             ("FLAGRELAY_AMQP__URL", &config.amqp.url),
         ];

@@ -444,9 +444,8 @@ async fn a_saturated_receiver_answers_503_at_once_instead_of_slowly() {
         .collect();
     // Both have taken their permit once their items are counted: nothing awaits in between
     // (the short pause covers the instant between counting and acquiring on another thread).
-    let received = || {
-        flagrelay::telemetry::Metrics::get(&app.app.metrics.notifications_received_total) == 3
-    };
+    let received =
+        || flagrelay::telemetry::Metrics::get(&app.app.metrics.notifications_received_total) == 3;
     assert!(support::eventually(Duration::from_secs(5), received).await);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
