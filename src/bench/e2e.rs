@@ -185,7 +185,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "  {:>7} {:>6} {:>10} {:>10} {:>12} {:<30} {:>11} {:>11} {:>11} {:>9} {}",
+        "  {:>7} {:>6} {:>10} {:>10} {:>12} {:<30} {:>11} {:>11} {:>11} {:>9} workers (peak RSS)",
         "workers",
         "shards",
         "offered/s",
@@ -196,7 +196,6 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
         "PP calls/ch",
         "PP PUT/ch",
         "receiver",
-        "workers (peak RSS)"
     );
     for r in &results {
         let n = args.flips.max(1) as f64;
@@ -429,7 +428,7 @@ fn open_breaker(policy: &str) -> String {
     let limits =
         regex::Regex::new(r"(?m)^\s*(max_deactivations|max_share)\s*=.*$").expect("static regex");
     let opened = limits.replace_all(policy, "");
-    let opened = if opened.contains("[breaker]") {
+    if opened.contains("[breaker]") {
         opened.replace(
             "[breaker]",
             "[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0",
@@ -438,6 +437,5 @@ fn open_breaker(policy: &str) -> String {
         format!(
             "[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0\nwindow = \"1h\"\n\n{opened}"
         )
-    };
-    opened
+    }
 }
