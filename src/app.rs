@@ -120,6 +120,7 @@ impl App {
         ReceiverSettings {
             max_body_bytes: r.max_body_bytes,
             max_items: r.max_items,
+            max_in_flight: r.max_in_flight,
             retry_after: r.retry_after,
             request_timeout: r.request_timeout,
         }

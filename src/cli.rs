@@ -75,6 +75,10 @@ pub enum Command {
     /// Manage the Graph subscriptions (the leader also does this by itself).
     #[command(subcommand)]
     Subscriptions(SubscriptionsCommand),
+    /// Benchmarks that print numbers: receiver vs the HTTP and broker ceilings, end to end on
+    /// the simulators, the drift sweep (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,6 +244,13 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 filter: "warn".into(),
             });
             return demo::run(args).await;
+        }
+        Command::Bench(cmd) => {
+            telemetry::init(&LogConfig {
+                format: "text".into(),
+                filter: "warn".into(),
+            });
+            crate::bench::run(cmd, cli.config.as_deref()).await
         }
         Command::Sim(args) => {
             telemetry::init(&LogConfig::default());

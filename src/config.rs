@@ -147,6 +147,10 @@ pub struct ReceiverConfig {
     pub max_body_bytes: usize,
     /// Largest number of items in one notification collection; more gets 413.
     pub max_items: usize,
+    /// Notification items being published (awaiting the broker's confirm) at once. A batch
+    /// that does not fit is answered `503 Retry-After` at once: saturation degrades by
+    /// refusing early, never by slow `202`s (Graph gives up on endpoints slower than 3 s).
+    pub max_in_flight: usize,
     /// `Retry-After` sent with 503 when the broker cannot take the batch.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
@@ -163,6 +167,7 @@ impl Default for ReceiverConfig {
             public_url: None,
             max_body_bytes: 1024 * 1024,
             max_items: 1000,
+            max_in_flight: 1024,
             retry_after: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
         }
@@ -668,6 +673,9 @@ impl Config {
         if self.receiver.max_body_bytes < 1024 {
             return Err(invalid("receiver.max_body_bytes", "must be at least 1024"));
         }
+        if self.receiver.max_in_flight == 0 {
+            return Err(invalid("receiver.max_in_flight", "must be at least 1"));
+        }
         if self.worker.concurrency == 0 {
             return Err(invalid("worker.concurrency", "must be at least 1"));
         }
@@ -906,6 +914,7 @@ mod tests {
             ("[amqp]\nurl = \"http://nope\"", "amqp.url"),
             ("[amqp]\nprefix = \"bad prefix\"", "amqp.prefix"),
             ("[receiver]\nmax_body_bytes = 10", "receiver.max_body_bytes"),
+            ("[receiver]\nmax_in_flight = 0", "receiver.max_in_flight"),
             ("[log]\nformat = \"xml\"", "log.format"),
             (
                 "[[tenants]]\nid = \"11111111-1111-1111-1111-111111111111\"\norg_domain = \"x.com\"",

@@ -30,11 +30,13 @@
 //! - [`sim`]: faithful simulators of both APIs, used by tests, the demo and staging setups.
 //! - [`app`]: wires the parts into the `serve` / `work` / `run` processes.
 //! - [`demo`]: the one-command, end-to-end demonstration.
+//! - [`bench`]: `flagrelay bench`: throughput, latency and memory against the machine's ceilings.
 //! - [`explain`]: `policy check` and `policy explain`.
 //! - [`cli`]: the command line; `main.rs` only calls into it.
 
 pub mod admin;
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -7,6 +7,10 @@
 //! the whole batch into `503 Retry-After`, and Graph delivers it again (duplicates are
 //! harmless downstream). Items with a wrong `clientState` or an unknown tenant are dropped
 //! and counted, and the batch still gets `202`, so a prober learns nothing.
+//!
+//! Publishes awaiting a confirm are bounded (`receiver.max_in_flight`): a batch that does not
+//! fit is answered `503 Retry-After` at once, so an overloaded receiver answers early rather
+//! than slowly (Graph drops endpoints that take more than 3 s).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,10 +25,11 @@ use axum::routing::{get, post};
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::message::{
-    self, Message, Origin, Signer, SubscriptionLifecycle, TraceContext, UserChanged,
+    self, Encoded, Message, Origin, Signer, SubscriptionLifecycle, TraceContext, UserChanged,
 };
 use crate::notification::{self, ItemError};
 use crate::queue::Queue;
@@ -44,6 +49,9 @@ pub struct ReceiverState {
     metrics: Arc<Metrics>,
     max_items: usize,
     retry_after: Duration,
+    /// Permits for items awaiting the broker's confirm (`receiver.max_in_flight`).
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
 }
 
 impl std::fmt::Debug for ReceiverState {
@@ -59,6 +67,7 @@ impl std::fmt::Debug for ReceiverState {
 pub struct ReceiverSettings {
     pub max_body_bytes: usize,
     pub max_items: usize,
+    pub max_in_flight: usize,
     pub retry_after: Duration,
     pub request_timeout: Duration,
 }
@@ -85,6 +94,8 @@ impl ReceiverState {
             metrics,
             max_items: settings.max_items,
             retry_after: settings.retry_after,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            max_in_flight: settings.max_in_flight,
         }
     }
 }
@@ -171,7 +182,7 @@ pub async fn serve(
 
 /// Why a request was refused, mapped to a status in one place.
 #[derive(Debug, thiserror::Error)]
-enum WebhookError {
+pub enum WebhookError {
     #[error("validationToken is empty, too long, or contains markup or control characters")]
     BadValidationToken,
     #[error("Content-Type must be application/json")]
@@ -184,6 +195,8 @@ enum WebhookError {
     TooManyItems(usize, usize),
     #[error("queue unavailable; retry later")]
     Unavailable(Duration),
+    #[error("too many notifications being queued at once; retry later")]
+    Saturated(Duration),
 }
 
 impl IntoResponse for WebhookError {
@@ -194,10 +207,10 @@ impl IntoResponse for WebhookError {
             }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooManyItems(..) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Saturated(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let mut resp = (status, self.to_string()).into_response();
-        if let Self::Unavailable(after) = self {
+        if let Self::Unavailable(after) | Self::Saturated(after) = self {
             let secs = after.as_secs().max(1).to_string();
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -250,16 +263,17 @@ async fn handle(
     if !is_json {
         return Err(WebhookError::UnsupportedMediaType);
     }
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(WebhookError::EmptyBody);
+    // Saturated: refuse before spending CPU on parsing and signing.
+    if state.in_flight.available_permits() == 0 {
+        return Err(state.saturated(0));
     }
-    let items = notification::parse_collection(&body)?;
-    if items.len() > state.max_items {
-        return Err(WebhookError::TooManyItems(items.len(), state.max_items));
+    // Saturated: refuse before spending CPU on parsing and signing.
+    if state.in_flight.available_permits() == 0 {
+        return Err(state.saturated(0));
     }
     let span = tracing::info_span!(
         "notifications",
-        items = items.len(),
+        items = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     );
@@ -270,57 +284,22 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
     let trace = crate::otlp::continue_trace(&span, incoming);
-    publish_batch(&state, kind, &items, &trace)
-        .instrument(span)
-        .await
+    let encoded = state.prepare(kind, &body, &trace)?;
+    span.record("items", encoded.len());
+    publish_batch(&state, &encoded).instrument(span).await
 }
 
-/// Authenticate, sign and publish the items of one collection; `202` only when every valid
-/// item is confirmed.
+/// Publish the signed messages of one collection; `202` only when every one is confirmed.
 async fn publish_batch(
     state: &ReceiverState,
-    kind: Kind,
-    items: &[serde_json::Value],
-    trace: &TraceContext,
+    encoded: &[Encoded],
 ) -> Result<Response, WebhookError> {
-    let received_at = Utc::now();
-    let messages: Vec<Message> = items
-        .iter()
-        .filter_map(|item| {
-            Metrics::inc(&state.metrics.notifications_received_total);
-            let parsed = match kind {
-                Kind::Change => notification::parse_change(item).map(|n| {
-                    let m = Message::UserChanged(UserChanged {
-                        tenant_id: n.tenant_id,
-                        user_id: n.user_id,
-                        change_type: n.change_type,
-                        subscription_id: n.subscription_id,
-                        event_time: n.event_time,
-                        received_at,
-                        origin: Origin::Notification,
-                        not_before: None,
-                    });
-                    (m, n.client_state)
-                }),
-                Kind::Lifecycle => notification::parse_lifecycle(item).map(|n| {
-                    let m = Message::Lifecycle(SubscriptionLifecycle {
-                        tenant_id: n.tenant_id,
-                        subscription_id: n.subscription_id,
-                        lifecycle_event: n.lifecycle_event,
-                        subscription_expiration: n.subscription_expiration,
-                        received_at,
-                    });
-                    (m, n.client_state)
-                }),
-            };
-            state.admit(parsed)
-        })
-        .collect();
-
-    let encoded: Vec<_> = messages
-        .iter()
-        .map(|m| message::encode_traced(m, &state.signer, trace))
-        .collect();
+    // Held until every publish of the batch is settled. A batch larger than the whole budget
+    // takes all of it rather than never fitting.
+    let wanted = u32::try_from(encoded.len().min(state.max_in_flight)).unwrap_or(u32::MAX);
+    let Ok(_permits) = state.in_flight.clone().try_acquire_many_owned(wanted) else {
+        return Err(state.saturated(encoded.len()));
+    };
     let results = futures::future::join_all(encoded.iter().map(|e| async {
         let started = std::time::Instant::now();
         let result = state.queue.publish(e).await;
@@ -348,10 +327,83 @@ async fn publish_batch(
         .metrics
         .notifications_enqueued_total
         .inc_by(encoded.len() as u64);
-    for e in &encoded {
+    for e in encoded {
         tracing::debug!(message_id = %e.id, shard_key = %e.shard_key, "enqueued");
     }
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+impl ReceiverState {
+    /// Everything the webhook does to a notification collection before publishing: parse,
+    /// authenticate each item, build and sign the envelopes. No IO.
+    fn prepare(
+        &self,
+        kind: Kind,
+        body: &[u8],
+        trace: &TraceContext,
+    ) -> Result<Vec<Encoded>, WebhookError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(WebhookError::EmptyBody);
+        }
+        let items = notification::parse_collection(body)?;
+        if items.len() > self.max_items {
+            return Err(WebhookError::TooManyItems(items.len(), self.max_items));
+        }
+        let received_at = Utc::now();
+        let messages: Vec<Message> = items
+            .iter()
+            .filter_map(|item| {
+                Metrics::inc(&self.metrics.notifications_received_total);
+                let parsed = match kind {
+                    Kind::Change => notification::parse_change(item).map(|n| {
+                        let m = Message::UserChanged(UserChanged {
+                            tenant_id: n.tenant_id,
+                            user_id: n.user_id,
+                            change_type: n.change_type,
+                            subscription_id: n.subscription_id,
+                            event_time: n.event_time,
+                            received_at,
+                            origin: Origin::Notification,
+                            not_before: None,
+                        });
+                        (m, n.client_state)
+                    }),
+                    Kind::Lifecycle => notification::parse_lifecycle(item).map(|n| {
+                        let m = Message::Lifecycle(SubscriptionLifecycle {
+                            tenant_id: n.tenant_id,
+                            subscription_id: n.subscription_id,
+                            lifecycle_event: n.lifecycle_event,
+                            subscription_expiration: n.subscription_expiration,
+                            received_at,
+                        });
+                        (m, n.client_state)
+                    }),
+                };
+                self.admit(parsed)
+            })
+            .collect();
+        Ok(messages
+            .iter()
+            .map(|m| message::encode_traced(m, &self.signer, trace))
+            .collect())
+    }
+
+    /// Count and answer a batch refused because `receiver.max_in_flight` items are being
+    /// published.
+    fn saturated(&self, items: usize) -> WebhookError {
+        Metrics::inc(&self.metrics.webhook_saturated_total);
+        tracing::debug!(
+            items,
+            "receiver saturated (receiver.max_in_flight); answering 503 at once"
+        );
+        WebhookError::Saturated(self.retry_after)
+    }
+
+    /// [`ReceiverState::prepare`] of a change-notification collection, for the
+    /// micro-benchmarks (`benches/`).
+    pub fn prepare_changes(&self, body: &[u8]) -> Result<Vec<Encoded>, WebhookError> {
+        self.prepare(Kind::Change, body, &TraceContext::new_root())
+    }
 }
 
 impl ReceiverState {

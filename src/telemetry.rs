@@ -116,6 +116,8 @@ pub struct Metrics {
     /// Rejected: could not be parsed (`reason="malformed"`).
     pub notifications_dropped_malformed_total: Counter,
     pub webhook_unavailable_total: Counter,
+    /// Batches answered 503 at once because `receiver.max_in_flight` items were in flight.
+    pub webhook_saturated_total: Counter,
     pub handshakes_total: Counter,
     /// Seconds from publish to the broker's confirm, per notification item.
     pub publish_confirm_seconds: Histogram,
@@ -160,6 +162,7 @@ impl Metrics {
             notifications_dropped_unknown_tenant_total: reason("unknown_tenant"),
             notifications_dropped_malformed_total: reason("malformed"),
             webhook_unavailable_total: Counter::default(),
+            webhook_saturated_total: Counter::default(),
             handshakes_total: Counter::default(),
             publish_confirm_seconds: confirm_histogram(),
             outcomes_applied_total: Counter::default(),
@@ -200,6 +203,11 @@ impl Metrics {
                 "webhook_unavailable",
                 "Batches answered 503 because the broker did not take them (Graph retries).",
                 &m.webhook_unavailable_total,
+            ),
+            (
+                "webhook_saturated",
+                "Batches answered 503 at once because receiver.max_in_flight items were being published.",
+                &m.webhook_saturated_total,
             ),
             (
                 "handshakes",

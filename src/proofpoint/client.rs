@@ -190,6 +190,12 @@ impl ProofpointApi for ProofpointClient {
         Ok(users_from(parse_json(answer.await?)?, &org.domain))
     }
 
+    async fn count_users(&self, org: &OrgAccess) -> Result<usize, PpError> {
+        let path = ["orgs", &org.domain, "users"];
+        let answer = self.call(org, "count_users", Method::GET, &path, None, false);
+        Ok(parse_json::<UserCount>(answer.await?)?.0)
+    }
+
     async fn exemptions(&self, org: &OrgAccess) -> Result<Vec<String>, PpError> {
         let path = ["orgs", &org.domain, "settings", "azure", "exemptions"];
         let answer = self.call(org, "exemptions", Method::GET, &path, None, false);
@@ -420,6 +426,42 @@ fn users_from(value: Value, org: &str) -> Vec<PpUser> {
     users
 }
 
+/// The number of entries of a user list answer (a bare array or `{"users": [...]}`, as
+/// [`users_from`] reads it), counted without keeping them.
+struct UserCount(usize);
+
+impl<'de> serde::Deserialize<'de> for UserCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Counter;
+        impl<'de> Visitor<'de> for Counter {
+            type Value = UserCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of users")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UserCount, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(UserCount(n))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UserCount, A::Error> {
+                let mut n = 0;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "users" {
+                        n = map.next_value::<UserCount>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(UserCount(n))
+            }
+        }
+        d.deserialize_any(Counter)
+    }
+}
+
 /// A list of `{"email": ...}` objects or, leniently, of strings, possibly wrapped in an
 /// object; lower-cased, trimmed, duplicates removed, order kept.
 fn exemptions_from(value: &Value) -> Vec<String> {
@@ -544,6 +586,33 @@ mod tests {
         let all = c.list_users(&org).await.unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].other["future_field"], json!({"kept": [1, 2]}));
+    }
+
+    #[tokio::test]
+    async fn count_users_counts_what_list_users_lists() {
+        let (sim, _server, org) = sim().await;
+        let c = client();
+        assert_eq!(c.count_users(&org).await.unwrap(), 0);
+        for i in 0..3 {
+            sim.upsert_user(ORG, full_user(&format!("u{i}@example.com")))
+                .unwrap();
+        }
+        assert_eq!(c.count_users(&org).await.unwrap(), 3);
+        assert_eq!(c.list_users(&org).await.unwrap().len(), 3);
+    }
+
+    #[test]
+    fn user_counts_read_both_list_shapes() {
+        let count = |v: Value| serde_json::from_value::<UserCount>(v).unwrap().0;
+        assert_eq!(
+            count(json!([{"primary_email": "a@x"}, {"primary_email": "b@x"}])),
+            2
+        );
+        assert_eq!(
+            count(json!({"total": 9, "users": [{"primary_email": "a@x"}]})),
+            1
+        );
+        assert_eq!(count(json!({"total": 9})), 0);
     }
 
     #[tokio::test]

@@ -114,6 +114,12 @@ pub trait ProofpointApi: Send + Sync + std::fmt::Debug {
     async fn put_user(&self, org: &OrgAccess, user: &PpUser) -> Result<(), PpError>;
     /// `GET /orgs/{domain}/users`: the whole org in one call.
     async fn list_users(&self, org: &OrgAccess) -> Result<Vec<PpUser>, PpError>;
+    /// How many users the org has (the breaker's denominator), from the same call. The
+    /// client counts without keeping the users: a large org would otherwise cost the worker
+    /// hundreds of MB at every count.
+    async fn count_users(&self, org: &OrgAccess) -> Result<usize, PpError> {
+        Ok(self.list_users(org).await?.len())
+    }
     /// `GET /orgs/{domain}/settings/azure/exemptions`: lower-cased addresses.
     async fn exemptions(&self, org: &OrgAccess) -> Result<Vec<String>, PpError>;
     /// `PUT /orgs/{domain}/settings/azure/exemptions` with one address.

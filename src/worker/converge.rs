@@ -161,7 +161,7 @@ impl Worker {
         let mut changed = false;
         if let Some(desired) = plan.set_active {
             if !desired && let Some(held) = self.breaker_allows(org, now).await {
-                let _ = self.save(m, &before, &state);
+                let _ = self.save(m, &before, &state).await;
                 return Outcome::Held {
                     reason: held,
                     delay: self.settings.breaker_recheck,
@@ -205,7 +205,7 @@ impl Worker {
             // Someone removed it by hand: it is no longer ours to track.
             state.exemption_added = false;
         }
-        if let Err(e) = self.save(m, &before, &state) {
+        if let Err(e) = self.save(m, &before, &state).await {
             return Outcome::Transient {
                 error: e.to_string(),
                 retry_after: None,
@@ -223,7 +223,10 @@ impl Worker {
         }
     }
 
-    fn save(
+    /// Store the user's state if it changed. The write ends with an fsync, which can take
+    /// milliseconds: it runs on the blocking pool, never on the async workers (where it
+    /// stalled every other evaluation; BENCHMARKS.md, "End to end").
+    async fn save(
         &self,
         m: &UserChanged,
         before: &UserState,
@@ -232,7 +235,22 @@ impl Worker {
         if state == before {
             return Ok(());
         }
-        self.deps.state.put_user(&m.tenant_id, &m.user_id, state)
+        let (store, tenant, user, state) = (
+            self.deps.state.clone(),
+            m.tenant_id.clone(),
+            m.user_id.clone(),
+            state.clone(),
+        );
+        let dir = store.dir().to_owned();
+        match tokio::task::spawn_blocking(move || store.put_user(&tenant, &user, &state)).await {
+            Ok(written) => written,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only when the runtime shuts down: the message is not acked and comes back.
+            Err(e) => Err(crate::state::StateError::Io {
+                path: dir,
+                source: std::io::Error::other(e),
+            }),
+        }
     }
 
     /// Publish a recheck for `due`; it waits in the delay queues until then.
@@ -307,10 +325,10 @@ impl Worker {
         {
             return *n;
         }
-        match self.deps.proofpoint.list_users(org).await {
-            Ok(users) => {
-                sizes.insert(org.domain.clone(), (Instant::now(), users.len()));
-                users.len()
+        match self.deps.proofpoint.count_users(org).await {
+            Ok(n) => {
+                sizes.insert(org.domain.clone(), (Instant::now(), n));
+                n
             }
             Err(e) => {
                 tracing::warn!(error = %e, org = %org.domain, "could not count the org's users for the breaker");

@@ -717,6 +717,7 @@ fn test_receiver() -> axum::Router {
         max_items: 100,
         retry_after: Duration::from_secs(10),
         request_timeout: Duration::from_secs(5),
+        max_in_flight: 100,
     };
     let state = ReceiverState::new(
         SecretString::from("openapi-client-state-0123456789".to_owned()),

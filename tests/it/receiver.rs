@@ -459,3 +459,64 @@ async fn a_client_that_stalls_in_its_headers_is_disconnected_and_the_receiver_ke
     assert_eq!(resp.status().as_u16(), 202, "the receiver keeps serving");
     app.stop().await;
 }
+
+/// Saturation is answered early: while `receiver.max_in_flight` items wait for a broker that
+/// went silent, further batches get `503 Retry-After` at once, before the waiting ones end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_receiver_answers_503_at_once_instead_of_slowly() {
+    support::require_broker().await;
+    let proxy = support::Proxy::start().await;
+    let app = TestApp::start_with(
+        "saturated",
+        Options {
+            subscribe: false,
+            worker: false,
+            amqp_url: Some(proxy.url()),
+            ..Options::default()
+        },
+        |c| c.receiver.max_in_flight = 2,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let post = |user: &str| {
+        let body = serde_json::to_vec(&json!({ "value": [item(&app, TENANT, user, None)] }));
+        client
+            .post(format!("{}/graph/notifications", app.url))
+            .header("content-type", "application/json")
+            .body(body.unwrap())
+            .send()
+    };
+    // The publisher connection exists (through the proxy) and works.
+    assert_eq!(post("u-warm").await.unwrap().status().as_u16(), 202);
+
+    proxy.freeze_all();
+    let frozen: Vec<_> = ["u-frozen-1", "u-frozen-2"]
+        .into_iter()
+        .map(|u| tokio::spawn(post(u)))
+        .collect();
+    // Both have taken their permit once their items are counted: nothing awaits in between
+    // (the short pause covers the instant between counting and acquiring on another thread).
+    let received =
+        || flagrelay::telemetry::Metrics::get(&app.app.metrics.notifications_received_total) == 3;
+    assert!(support::eventually(Duration::from_secs(5), received).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    for user in ["u-extra-1", "u-extra-2", "u-extra-3"] {
+        let resp = post(user).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 503, "{user} is refused");
+        assert!(resp.headers().contains_key(header::RETRY_AFTER));
+    }
+    assert!(
+        frozen.iter().all(|f| !f.is_finished()),
+        "the refusals came while the frozen publishes were still waiting"
+    );
+    assert_eq!(
+        flagrelay::telemetry::Metrics::get(&app.app.metrics.webhook_saturated_total),
+        3
+    );
+    // The frozen ones end with the publish timeout: 503 too, never a late 202.
+    for f in frozen {
+        assert_eq!(f.await.unwrap().unwrap().status().as_u16(), 503);
+    }
+    app.stop().await;
+}
