@@ -191,140 +191,141 @@ impl Metrics {
         let counters = [
             (
                 "notifications_received",
-                "Notification items received by the webhook.",
+                "Notification items received by the webhook",
                 &m.notifications_received_total,
             ),
             (
                 "notifications_enqueued",
-                "Notification items accepted: durably enqueued (publisher confirm).",
+                "Notification items accepted: durably enqueued (publisher confirm)",
                 &m.notifications_enqueued_total,
             ),
             (
                 "webhook_unavailable",
-                "Batches answered 503 because the broker did not take them (Graph retries).",
+                "Batches answered 503 because the broker did not take them (Graph retries)",
                 &m.webhook_unavailable_total,
             ),
             (
                 "webhook_saturated",
-                "Batches answered 503 at once because receiver.max_in_flight items were being published.",
+                "Batches answered 503 at once because receiver.max_in_flight items were being published",
                 &m.webhook_saturated_total,
             ),
             (
                 "handshakes",
-                "Validation handshakes answered.",
+                "Validation handshakes answered",
                 &m.handshakes_total,
             ),
             (
                 "outcomes_applied",
-                "Proofpoint users changed (or, in dry-run, that would be).",
+                "Proofpoint users changed (or, in dry-run, that would be)",
                 &m.outcomes_applied_total,
             ),
             (
                 "outcomes_no_change",
-                "Evaluations where Proofpoint already matched the decision.",
+                "Evaluations where Proofpoint already matched the decision",
                 &m.outcomes_no_change_total,
             ),
             (
                 "outcomes_skipped",
-                "Evaluations skipped on purpose (deleted user, unknown to Proofpoint, guard, coalesced).",
+                "Evaluations skipped on purpose (deleted user, unknown to Proofpoint, guard, coalesced)",
                 &m.outcomes_skipped_total,
             ),
             (
                 "outcomes_retried",
-                "Transient failures scheduled for a delayed retry.",
+                "Transient failures scheduled for a delayed retry",
                 &m.outcomes_retried_total,
             ),
             (
                 "outcomes_dead_lettered",
-                "Messages dead-lettered (permanent failure or attempts exhausted).",
+                "Messages dead-lettered (permanent failure or attempts exhausted)",
                 &m.outcomes_dead_lettered_total,
             ),
             (
                 "signature_failures",
-                "Messages on the bus that failed signature verification.",
+                "Messages on the bus that failed signature verification",
                 &m.signature_failures_total,
             ),
             (
                 "outcome_event_failures",
-                "Outcome events that could not be published.",
+                "Outcome events that could not be published",
                 &m.outcome_event_failures_total,
             ),
             (
                 "outcomes_held",
-                "Deactivations held back by the tripped blast-radius breaker.",
+                "Deactivations held back by the tripped blast-radius breaker",
                 &m.outcomes_held_total,
             ),
             (
                 "breaker_trips",
-                "Times the blast-radius breaker tripped (alert on any increase).",
+                "Times the blast-radius breaker tripped (alert on any increase)",
                 &m.breaker_trips_total,
             ),
         ];
+        // (prometheus-client ends every help text with a period itself.)
         for (name, help, counter) in counters {
             r.register(format!("flagrelay_{name}"), help, counter.clone());
         }
         r.register(
             "flagrelay_notifications_rejected",
-            "Notification items dropped by the webhook, by reason (client_state, unknown_tenant, malformed).",
+            "Notification items dropped by the webhook, by reason (client_state, unknown_tenant, malformed)",
             rejected,
         );
         r.register_with_unit(
             "flagrelay_publish_confirm",
-            "Time from publishing a notification item to the broker's confirm.",
+            "Time from publishing a notification item to the broker's confirm",
             Unit::Seconds,
             m.publish_confirm_seconds.clone(),
         );
         r.register(
             "flagrelay_messages_processed",
-            "Messages a worker finished with, by outcome and the policy's decision.",
+            "Messages a worker finished with, by outcome and the policy's decision",
             m.processed.clone(),
         );
         r.register_with_unit(
             "flagrelay_latency_from_receipt",
-            "Time from flagrelay receiving a change (or a recheck falling due) to the Proofpoint write, by origin.",
+            "Time from flagrelay receiving a change (or a recheck falling due) to the Proofpoint write, by origin",
             Unit::Seconds,
             m.latency_from_receipt.clone(),
         );
         r.register_with_unit(
             "flagrelay_latency_from_event_time",
-            "Time from Graph's eventTime of a notification to the Proofpoint write.",
+            "Time from Graph's eventTime of a notification to the Proofpoint write",
             Unit::Seconds,
             m.latency_from_event_time.clone(),
         );
         r.register(
             "flagrelay_queue_depth",
-            "Messages ready in the work queues (queue=work) and waiting on the retry tiers (queue=retry).",
+            "Messages ready in the work queues (queue=work) and waiting on the retry tiers (queue=retry)",
             m.queue_depth.clone(),
         );
         r.register(
             "flagrelay_dead_letter_depth",
-            "Messages in the dead-letter queue (alert when above 0).",
+            "Messages in the dead-letter queue (alert when above 0)",
             m.dead_letter_depth.clone(),
         );
         r.register(
             "flagrelay_breaker_tripped",
-            "1 while the blast-radius breaker holds deactivations, else 0.",
+            "1 while the blast-radius breaker holds deactivations, else 0",
             m.breaker_tripped.clone(),
         );
         r.register(
             "flagrelay_leader",
-            "1 while this process holds the leader lease, else 0.",
+            "1 while this process holds the leader lease, else 0",
             m.leader.clone(),
         );
         r.register(
             "flagrelay_ready",
-            "1 when the readiness check passed at its last run, else 0, by check (broker, graph, proofpoint).",
+            "1 when the readiness check passed at its last run, else 0, by check (broker, graph, proofpoint)",
             m.ready.clone(),
         );
         r.register_with_unit(
             "flagrelay_subscription_expiry",
-            "Seconds until the tenant's Graph subscription expires (leader only).",
+            "Seconds until the tenant's Graph subscription expires (leader only)",
             Unit::Seconds,
             m.subscription_expiry.clone(),
         );
         r.register_with_unit(
             "flagrelay_delta_lag",
-            "Seconds since the tenant's last successful delta sync (leader only).",
+            "Seconds since the tenant's last successful delta sync (leader only)",
             Unit::Seconds,
             m.delta_lag.clone(),
         );

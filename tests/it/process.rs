@@ -107,13 +107,24 @@ async fn flagrelay_run_serves_and_stops_cleanly_on_sigterm() {
         .await
     );
     // Operators read metrics on the admin listener; the public one does not expose them.
-    let scrape = client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert!(scrape.status().is_success());
-    let text = scrape.text().await.unwrap();
+    // (The counter moves when the worker settles, a moment after Proofpoint was written.)
+    let mut text = String::new();
+    for _ in 0..50 {
+        let scrape = client
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert!(scrape.status().is_success());
+        text = scrape.text().await.unwrap();
+        if text.lines().any(|l| {
+            l.starts_with("flagrelay_outcomes_applied_total ")
+                && l != "flagrelay_outcomes_applied_total 0"
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         text.lines()
             .any(|l| l.starts_with("flagrelay_outcomes_applied_total ")
