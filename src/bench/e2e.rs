@@ -321,7 +321,6 @@ async fn run_one(
     // Measure.
     sandbox.proofpoint.clear_records();
     let pp_before = sandbox.proofpoint.counters();
-    let graph_log_before = sandbox.graph.request_log().len();
     let chosen: Vec<usize> = (0..args.flips)
         .map(|k| (*cursor + k) % users.len())
         .collect();
@@ -365,9 +364,14 @@ async fn run_one(
         }
     }
     let pp_after = sandbox.proofpoint.counters();
+    // The simulator keeps its newest 10,000 requests: enough for one run of the defaults.
     let log = sandbox.graph.request_log();
-    let window = log.get(graph_log_before..).unwrap_or_default();
-    let is_user_read = |r: &&crate::sim::graph::RequestRecord| {
+    anyhow::ensure!(
+        log.first().is_none_or(|r| r.started <= start),
+        "more Graph requests than the simulator's log keeps: use fewer --flips"
+    );
+    let window: Vec<_> = log.iter().filter(|r| r.started >= start).collect();
+    let is_user_read = |r: &&&crate::sim::graph::RequestRecord| {
         r.method == "GET"
             && r.path.starts_with("/v1.0/users/")
             && !r.path.starts_with("/v1.0/users/delta")
