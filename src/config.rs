@@ -167,7 +167,7 @@ impl Default for ReceiverConfig {
             public_url: None,
             max_body_bytes: 1024 * 1024,
             max_items: 1000,
-            max_in_flight: 1024,
+            max_in_flight: 256,
             retry_after: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
         }

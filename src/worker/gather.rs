@@ -56,15 +56,21 @@ pub async fn gather(
         .await?
         .ok_or(GatherError::Deleted)?;
     let address = user.proofpoint_address().ok_or(GatherError::NoAddress)?;
-    let pp_user = proofpoint
-        .get_user(org, &address)
-        .await?
-        .ok_or_else(|| GatherError::UnknownToProofpoint(address.clone()))?;
-    let exempt = if needs.exemptions || exemption_added {
-        Some(on_list(&proofpoint.exemptions(org).await?, &address))
-    } else {
-        None
+    // The two Proofpoint reads do not depend on each other: one round trip, not two.
+    let pp_user = async {
+        proofpoint
+            .get_user(org, &address)
+            .await?
+            .ok_or_else(|| GatherError::UnknownToProofpoint(address.clone()))
     };
+    let exempt = async {
+        Ok::<_, GatherError>(if needs.exemptions || exemption_added {
+            Some(on_list(&proofpoint.exemptions(org).await?, &address))
+        } else {
+            None
+        })
+    };
+    let (pp_user, exempt) = futures::try_join!(pp_user, exempt)?;
     Ok(complete(graph, tenant_id, user, address, pp_user, needs, exempt).await?)
 }
 
@@ -84,23 +90,29 @@ pub async fn complete(
     needs: &Needs,
     exempt: Option<bool>,
 ) -> Result<Gathered, GraphError> {
-    // Use the id Graph returned: the caller may have named the user by UPN.
-    let groups = if needs.groups {
-        graph.member_of(tenant_id, &user.id).await?
-    } else {
-        None
+    // Use the id Graph returned: the caller may have named the user by UPN. Both reads are
+    // independent: one round trip, not two.
+    let groups = async {
+        if needs.groups {
+            graph.member_of(tenant_id, &user.id).await
+        } else {
+            Ok(None)
+        }
     };
     // No mailbox (404) is a fact of its own: "" (see `Facts::with_mailbox_purpose`).
-    let mailbox_purpose = if needs.mailbox_purpose {
-        Some(
-            graph
-                .mailbox_purpose(tenant_id, &user.id)
-                .await?
-                .unwrap_or_default(),
-        )
-    } else {
-        None
+    let mailbox_purpose = async {
+        Ok(if needs.mailbox_purpose {
+            Some(
+                graph
+                    .mailbox_purpose(tenant_id, &user.id)
+                    .await?
+                    .unwrap_or_default(),
+            )
+        } else {
+            None
+        })
     };
+    let (groups, mailbox_purpose) = futures::try_join!(groups, mailbox_purpose)?;
     Ok(Gathered {
         user,
         address,
