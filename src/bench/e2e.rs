@@ -20,29 +20,12 @@ use super::support::{self, FlagrelayProcess, Latencies, Scratch};
 use crate::graph::GraphApi as _;
 use crate::graph::client::GraphClient;
 use crate::queue::rabbitmq::RabbitQueue;
-use crate::sim::sandbox::{Sandbox, SeededUser};
+use crate::sim::sandbox::{MIRROR_OPEN_BREAKER, Sandbox, SeededUser};
 
 const TENANT: &str = "00000000-0000-0000-0000-0000000e2e00";
 const ORG: &str = "e2e.example";
 /// Flips made (and awaited) before measuring, proving that every process is consuming.
 const WARM_UP: usize = 20;
-/// The default policy: mirror `accountEnabled` (one Graph read per change), with the
-/// blast-radius breaker opened, since the benchmark deactivates thousands of users on purpose.
-const MIRROR_OPEN_BREAKER: &str = r#"
-[breaker]
-max_deactivations = 10000000
-max_share = 1.0
-window = "1h"
-
-[[rule]]
-name = "enabled"
-when = { account_enabled = true }
-action = "activate"
-
-[[rule]]
-name = "default"
-action = "deactivate"
-"#;
 
 #[derive(Debug, clap::Args)]
 pub struct E2eArgs {

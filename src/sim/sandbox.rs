@@ -15,6 +15,24 @@ use crate::proofpoint::PpUser;
 
 const CLIENT_ID: &str = "flagrelay-sandbox-app";
 const PP_ADMIN: &str = "admin";
+/// Mirror `accountEnabled`, with the blast-radius breaker opened wide: for tests and benchmarks
+/// that deactivate most of an org on purpose (the breaker has tests of its own).
+pub const MIRROR_OPEN_BREAKER: &str = r#"
+[breaker]
+max_deactivations = 10000000
+max_share = 1.0
+window = "1h"
+
+[[rule]]
+name = "enabled"
+when = { account_enabled = true }
+action = "activate"
+
+[[rule]]
+name = "default"
+action = "deactivate"
+"#;
+
 /// The application permissions flagrelay can use (README, "Entra app registration").
 pub const ALL_PERMISSIONS: &[&str] = &[
     "User.Read.All",

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::rabbit_node::RabbitNode;
-use crate::support::{Options, Proxy, TENANT, TestApp, eventually};
+use crate::support::{Options, Proxy, TestApp, change_notification, eventually};
 
 /// Notifications posted per load.
 const NOTIFICATIONS: usize = 1000;
@@ -63,12 +63,7 @@ where
     let counts = Arc::new(Counts::default());
     let load = futures::stream::iter(0..NOTIFICATIONS).for_each_concurrent(20, |n| {
         let user = &users[n % users.len()];
-        let body = serde_json::json!({"value": [{
-            "subscriptionId": "sub-load", "changeType": "updated", "clientState": client_state,
-            "resource": format!("Users/{}", user.id),
-            "resourceData": {"id": user.id, "organizationId": TENANT, "sequenceNumber": n},
-            "tenantId": TENANT
-        }]});
+        let body = serde_json::json!({"value": [change_notification(&client_state, &user.id, n)]});
         let (client, endpoint, counts) = (&client, &endpoint, counts.clone());
         async move {
             let deadline = Instant::now() + GIVE_UP_AFTER;
@@ -159,10 +154,6 @@ async fn broker_restart_under_a_load_of_1000_notifications_loses_nothing_answere
         );
     })
     .await;
-    assert!(
-        counts.accepted.load(Ordering::SeqCst) == NOTIFICATIONS,
-        "the receiver recovered by itself and accepted the rest"
-    );
     assert_everything_converged(&t, &users, &counts).await;
     t.stop().await;
 }

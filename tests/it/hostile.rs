@@ -32,7 +32,7 @@ use flagrelay::queue::DeadLetter;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
 
-use crate::support::{Options, TENANT, TestApp, eventually, processed};
+use crate::support::{Options, TestApp, change_notification, eventually, processed};
 
 #[tokio::test]
 async fn replayed_notifications_are_accepted_and_change_proofpoint_once() {
@@ -46,13 +46,8 @@ async fn replayed_notifications_are_accepted_and_change_proofpoint_once() {
     .await;
     let u = t.sandbox.seed_user("replayed", true, "end_user");
     t.sandbox.set_enabled(&u, false);
-    let body = serde_json::json!({"value": [{
-        "subscriptionId": "sub-replay", "changeType": "updated",
-        "clientState": t.app.config.graph.client_state().expose_secret(),
-        "resource": format!("Users/{}", u.id),
-        "resourceData": {"id": u.id, "organizationId": TENANT},
-        "tenantId": TENANT
-    }]});
+    let client_state = t.app.config.graph.client_state().expose_secret();
+    let body = serde_json::json!({"value": [change_notification(client_state, &u.id, 1)]});
     let client = reqwest::Client::new();
     let endpoint = format!("{}/graph/notifications", t.url);
     // The same delivery 20 times, some at once, as a replaying attacker or a retrying Graph.

@@ -7,7 +7,7 @@ use flagrelay::sim::sandbox::{Sandbox, SeededUser};
 use futures::StreamExt;
 use secrecy::ExposeSecret;
 
-use crate::support::{ORG, TENANT, eventually};
+use crate::support::{ORG, TENANT, change_notification, eventually};
 
 /// A configuration file for the real binary, pointing at `sandbox`, with the admin listener
 /// on `admin`; `extra` is appended (more sections, e.g. `[amqp]`).
@@ -78,21 +78,7 @@ async fn flagrelay_run_serves_and_stops_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
-    let healthz = format!("http://{listen}/healthz");
-    let mut up = false;
-    for _ in 0..100 {
-        if client
-            .get(&healthz)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "the process serves /healthz");
+    wait_ready(&format!("http://{listen}/healthz")).await;
     // A user flip goes through the real process too.
     let u = sandbox.seed_user("proc", true, "end_user");
     let sub = flagrelay::graph::client::GraphClient::new(&sandbox.config.graph).unwrap();
@@ -301,12 +287,8 @@ async fn notify(base: &str, client_state: &str, users: &[&SeededUser]) {
     let endpoint = format!("{base}/graph/notifications");
     futures::stream::iter(users.iter().enumerate())
         .for_each_concurrent(16, |(n, user)| {
-            let body = serde_json::json!({"value": [{
-                "subscriptionId": "sub-proc", "changeType": "updated", "clientState": client_state,
-                "resource": format!("Users/{}", user.id),
-                "resourceData": {"id": user.id, "organizationId": TENANT, "sequenceNumber": n},
-                "tenantId": TENANT
-            }]});
+            let body =
+                serde_json::json!({"value": [change_notification(&client_state, &user.id, n)]});
             let (client, endpoint) = (&client, &endpoint);
             async move {
                 for _ in 0..100 {

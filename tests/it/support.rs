@@ -142,23 +142,8 @@ pub struct Options {
     pub public_url: bool,
 }
 
-/// Mirror `accountEnabled`, with the breaker opened wide: for tests that deactivate most of
-/// a small org on purpose (the breaker has tests of its own).
-pub const MIRROR_NO_BREAKER: &str = r#"
-[breaker]
-max_deactivations = 100000
-max_share = 1.0
-window = "1h"
-
-[[rule]]
-name = "enabled"
-when = { account_enabled = true }
-action = "activate"
-
-[[rule]]
-name = "default"
-action = "deactivate"
-"#;
+/// Mirror `accountEnabled` with the breaker opened wide (most tests flip many users).
+pub use flagrelay::sim::sandbox::MIRROR_OPEN_BREAKER as MIRROR_NO_BREAKER;
 
 impl Default for Options {
     fn default() -> Self {
@@ -457,4 +442,14 @@ pub fn forged_change(user_id: &str) -> flagrelay::message::Encoded {
         SecretString::from("an attacker's key, not ours, 32+ chars".to_owned()),
     );
     flagrelay::message::encode(&manual_change(user_id), &attacker)
+}
+
+/// One Graph change notification about `user_id` in [`TENANT`], as Graph posts it.
+pub fn change_notification(client_state: &str, user_id: &str, seq: usize) -> serde_json::Value {
+    serde_json::json!({
+        "subscriptionId": "sub-test", "changeType": "updated", "clientState": client_state,
+        "resource": format!("Users/{user_id}"),
+        "resourceData": {"id": user_id, "organizationId": TENANT, "sequenceNumber": seq},
+        "tenantId": TENANT
+    })
 }
