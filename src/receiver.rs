@@ -267,10 +267,6 @@ async fn handle(
     if state.in_flight.available_permits() == 0 {
         return Err(state.saturated(0));
     }
-    // Saturated: refuse before spending CPU on parsing and signing.
-    if state.in_flight.available_permits() == 0 {
-        return Err(state.saturated(0));
-    }
     let span = tracing::info_span!(
         "notifications",
         items = tracing::field::Empty,
