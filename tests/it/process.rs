@@ -288,7 +288,7 @@ async fn notify(base: &str, client_state: &str, users: &[&SeededUser]) {
     futures::stream::iter(users.iter().enumerate())
         .for_each_concurrent(16, |(n, user)| {
             let body =
-                serde_json::json!({"value": [change_notification(&client_state, &user.id, n)]});
+                serde_json::json!({"value": [change_notification(client_state, &user.id, n)]});
             let (client, endpoint) = (&client, &endpoint);
             async move {
                 for _ in 0..100 {
