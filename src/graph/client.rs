@@ -35,6 +35,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
+mod batch;
+
 use super::paging::{self, DeltaWire, Page};
 /// Re-exported for the simulator's tests, which read the tokens it mints.
 #[cfg(test)]
@@ -42,6 +44,7 @@ pub(crate) use super::token::base64url_decode;
 use super::token::{TokenAnswer, refresh_margin, roles_in_token};
 use super::{DeltaPage, GraphApi, GraphError, GraphUser, Group, NewSubscription, Subscription};
 use crate::config::GraphConfig;
+pub use batch::MAX_BATCH;
 
 /// `POST /subscriptions` waits for Graph's validation handshake (up to 10 s) to complete,
 /// so it gets at least this much time whatever the configured request timeout.
@@ -80,6 +83,9 @@ pub struct GraphClientSettings {
     pub client_secret: SecretString,
     /// Whole-request timeout (connect, send, read the answer).
     pub request_timeout: Duration,
+    /// Single-document reads in flight per tenant before waiting reads are batched
+    /// (`graph.reads_in_flight`; 0: no batching, no limit). See [`batch`].
+    pub reads_in_flight: usize,
 }
 
 impl std::fmt::Debug for GraphClientSettings {
@@ -89,6 +95,7 @@ impl std::fmt::Debug for GraphClientSettings {
             .field("api_url", &self.api_url.as_str())
             .field("client_id", &self.client_id)
             .field("request_timeout", &self.request_timeout)
+            .field("reads_in_flight", &self.reads_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -119,6 +126,8 @@ pub struct GraphClient {
     tokens: Mutex<HashMap<String, TokenSlot>>,
     /// Per lower-cased tenant id: no request before this (Graph's last `Retry-After`).
     throttled_until: Mutex<HashMap<String, Instant>>,
+    /// `None`: every read is sent on its own, at once.
+    reads: Option<batch::ReadQueues>,
 }
 
 impl std::fmt::Debug for GraphClient {
@@ -155,6 +164,7 @@ impl GraphClient {
                 .clone()
                 .ok_or(GraphClientError::MissingSecret)?,
             request_timeout: cfg.request_timeout,
+            reads_in_flight: cfg.reads_in_flight,
         })
     }
 
@@ -186,6 +196,7 @@ impl GraphClient {
             request_timeout: s.request_timeout,
             tokens: Mutex::new(HashMap::new()),
             throttled_until: Mutex::new(HashMap::new()),
+            reads: (s.reads_in_flight > 0).then(|| batch::ReadQueues::new(s.reads_in_flight)),
         })
     }
 
@@ -462,14 +473,7 @@ impl GraphApi for GraphClient {
         if !select.is_empty() {
             url.set_query(Some(&Self::select_query(select)));
         }
-        match self
-            .send(tenant_id, "get_user", |h| h.get(url.clone()))
-            .await
-        {
-            Ok(resp) => read_json(resp).await.map(Some),
-            Err(GraphError::Rejected { status: 404, .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.get_one(tenant_id, "get_user", url).await
     }
 
     async fn create_subscription(
@@ -537,17 +541,9 @@ impl GraphApi for GraphClient {
         Self::check_user_id(user_id)?;
         let mut url = Self::url_with(&self.api_url, &["users", user_id, "mailboxSettings"]);
         url.set_query(Some("$select=userPurpose"));
-        match self
-            .send(tenant_id, "mailbox_purpose", |h| h.get(url.clone()))
-            .await
-        {
-            Ok(resp) => {
-                let settings: MailboxSettings = read_json(resp).await?;
-                Ok(settings.user_purpose)
-            }
-            Err(GraphError::Rejected { status: 404, .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let settings: Option<MailboxSettings> =
+            self.get_one(tenant_id, "mailbox_purpose", url).await?;
+        Ok(settings.and_then(|s| s.user_purpose))
     }
 
     async fn granted_permissions(
@@ -627,6 +623,29 @@ impl GraphApi for GraphClient {
 }
 
 impl GraphClient {
+    /// GET one JSON document, through the read queue when batching is on; `Ok(None)` on 404.
+    async fn get_one<T: DeserializeOwned>(
+        &self,
+        tenant_id: &str,
+        op: &'static str,
+        url: Url,
+    ) -> Result<Option<T>, GraphError> {
+        let read = match &self.reads {
+            Some(queues) => self.read(queues, tenant_id, url).await,
+            None => self.get_json(tenant_id, op, &url).await,
+        };
+        match read {
+            Ok(json) => serde_json::from_value(json)
+                .map(Some)
+                .map_err(|e| GraphError::Rejected {
+                    status: 200,
+                    body: format!("unexpected answer ({e})"),
+                }),
+            Err(GraphError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every item of a paged collection, following `@odata.nextLink` (same origin only),
     /// with `headers` on every page's request.
     async fn get_pages<T: DeserializeOwned>(
@@ -708,7 +727,17 @@ async fn into_result(
     // The body of an Entra or Graph error carries no secret (the request form is never
     // echoed); it is kept, capped, for the operator.
     let body = error_body(resp).await;
-    Err(match status {
+    Err(status_error(status, retry_after, body, endpoint))
+}
+
+/// What a non-2xx status means (for a request of its own or one answer of a batch).
+fn status_error(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: String,
+    endpoint: Endpoint,
+) -> GraphError {
+    match status {
         429 | 503 => GraphError::Throttled {
             status,
             retry_after,
@@ -721,7 +750,7 @@ async fn into_result(
             GraphError::DeltaTokenExpired { status, body }
         }
         _ => GraphError::Rejected { status, body },
-    })
+    }
 }
 
 /// Whether a Graph error body (`{"error":{"code":...}}`) carries one of
@@ -746,7 +775,7 @@ fn send_error(error: reqwest::Error) -> GraphError {
     if error.is_timeout() {
         GraphError::Timeout
     } else {
-        GraphError::Transport(error)
+        GraphError::Transport(Arc::new(error))
     }
 }
 

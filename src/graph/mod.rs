@@ -178,8 +178,9 @@ impl DeltaNext {
     }
 }
 
-/// Errors talking to Graph, classified by what the caller should do about them.
-#[derive(Debug, thiserror::Error)]
+/// Errors talking to Graph, classified by what the caller should do about them. `Clone`:
+/// a batch that fails as a whole fails each of its reads with the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GraphError {
     /// 429 or 503: wait (`Retry-After` when Graph sent one) and try again.
     #[error("graph throttled the request (status {status}, retry after {retry_after:?})")]
@@ -193,7 +194,7 @@ pub enum GraphError {
     #[error("graph request timed out")]
     Timeout,
     #[error("graph unreachable: {0}")]
-    Transport(#[source] reqwest::Error),
+    Transport(#[source] std::sync::Arc<reqwest::Error>),
     /// The token endpoint refused our credentials, or Graph answered 401/403: an operator
     /// must fix the app registration; retrying will not help.
     #[error("graph refused authorization (status {status}): {body}")]

@@ -10,15 +10,15 @@ use crate::graph::{DeltaNext, RemovedUser, USER_SELECT};
 use crate::sim::graph::tests::{APP, CLIENT_STATE, Handshake, SECRET, Subscriber, TENANT};
 use crate::sim::graph::{GraphSim, SimServer};
 
-const ALICE: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
+pub(super) const ALICE: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
 
-struct Fixture {
-    sim: GraphSim,
-    server: SimServer,
-    client: GraphClient,
+pub(super) struct Fixture {
+    pub(super) sim: GraphSim,
+    pub(super) server: SimServer,
+    pub(super) client: GraphClient,
 }
 
-async fn fixture() -> Fixture {
+pub(super) async fn fixture() -> Fixture {
     fixture_with(SECRET, Duration::from_secs(5)).await
 }
 
@@ -47,13 +47,14 @@ async fn fixture_with(secret: &str, timeout: Duration) -> Fixture {
     }
 }
 
-fn client_for(server: &SimServer, secret: &str, timeout: Duration) -> GraphClient {
+pub(super) fn client_for(server: &SimServer, secret: &str, timeout: Duration) -> GraphClient {
     GraphClient::from_settings(GraphClientSettings {
         authority_url: server.authority_url(),
         api_url: server.api_url(),
         client_id: APP.into(),
         client_secret: SecretString::from(secret),
         request_timeout: timeout,
+        reads_in_flight: crate::config::DEFAULT_READS_IN_FLIGHT,
     })
     .unwrap()
 }
@@ -388,6 +389,7 @@ async fn slow_answers_time_out_and_dead_hosts_are_transport_errors() {
         client_id: APP.into(),
         client_secret: SecretString::from(SECRET),
         request_timeout: Duration::from_secs(2),
+        reads_in_flight: 0,
     })
     .unwrap();
     let err = gone.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
@@ -463,6 +465,7 @@ fn next_links_must_stay_on_the_api_origin() {
         client_id: APP.into(),
         client_secret: SecretString::from(SECRET),
         request_timeout: Duration::from_secs(1),
+        reads_in_flight: 0,
     })
     .unwrap();
     assert_eq!(client.scope(), "https://graph.microsoft.com/.default");
@@ -863,7 +866,7 @@ fn roles_are_read_from_jwt_payloads_only() {
 
 const DELTA_SELECT: &[&str] = &["id", "accountEnabled", "userPrincipalName"];
 
-fn numbered(i: usize) -> GraphUser {
+pub(super) fn numbered(i: usize) -> GraphUser {
     GraphUser {
         id: format!("cccccccc-0000-4000-8000-{i:012}"),
         account_enabled: Some(true),

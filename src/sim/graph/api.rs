@@ -29,7 +29,7 @@ use subtle::ConstantTimeEq;
 
 use super::delivery::MAX_RECORDS;
 use super::permissions::{self, READ_LIFECYCLE_INFO, READ_USERS, TokenClaims};
-use super::{Grant, GraphSim, RequestRecord, Tenant, delta, groups, mailbox, subscriptions};
+use super::{Grant, GraphSim, RequestRecord, Tenant, batch, delta, groups, mailbox, subscriptions};
 use crate::graph::USER_SELECT;
 
 /// Properties `GET /users/{id}` returns without `$select` (Graph's default set: note that
@@ -84,6 +84,13 @@ const OTHER_USER_PROPERTIES: &[&str] = &[
 pub(super) fn routes() -> Router<GraphSim> {
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .merge(api_routes())
+        .merge(batch::routes())
+}
+
+/// The `/v1.0` API a batch's requests may address (everything but `$batch` itself).
+pub(super) fn api_routes() -> Router<GraphSim> {
+    Router::new()
         .route("/v1.0/users/{id}", get(get_user))
         .merge(delta::routes())
         .merge(groups::routes())
@@ -214,22 +221,29 @@ pub(super) async fn log_request(State(sim): State<GraphSim>, req: Request, next:
         finished: Instant::now(),
         started_at,
         finished_at: Utc::now(),
+        in_batch: batch::in_batch(),
     });
     resp
 }
 
-/// Every API request passes here: injected latency, the bearer token, then injected
-/// throttling and failures (which, as in Graph, only authenticated callers see).
+/// Every API request passes here: injected latency (once per batch, not per request in it),
+/// the bearer token, then injected throttling and failures (which, as in Graph, only
+/// authenticated callers see, and which hit a batch's requests, not the batch itself).
 pub(super) async fn gate(sim: &GraphSim, headers: &HeaderMap) -> Result<Caller, Response> {
-    let latency = sim.state().faults.api_latency;
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
-    let caller = authenticate(sim, headers).map_err(IntoResponse::into_response)?;
+    let caller = admit(sim, headers).await?;
     match injected_failure(sim) {
         Some(err) => Err(caller.tag(err.into_response())),
         None => Ok(caller),
     }
+}
+
+/// Injected latency (once per batch, not per request in it), then the bearer token.
+pub(super) async fn admit(sim: &GraphSim, headers: &HeaderMap) -> Result<Caller, Response> {
+    let latency = sim.state().faults.api_latency;
+    if !latency.is_zero() && !batch::in_batch() {
+        tokio::time::sleep(latency).await;
+    }
+    authenticate(sim, headers).map_err(IntoResponse::into_response)
 }
 
 /// [`gate`], then 403 unless the token carries one of `permissions`.

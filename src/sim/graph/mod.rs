@@ -14,6 +14,8 @@
 //! - `permissions.rs`: application permissions per app, the tokens carrying them, the checks.
 //! - `groups.rs`: groups with nested members, `/v1.0/users/{id}/transitiveMemberOf`.
 //! - `mailbox.rs`: mailbox purpose per user, `/v1.0/users/{id}/mailboxSettings`.
+//! - `batch.rs`: JSON batching, `POST /v1.0/$batch` (up to 20 requests, each served as
+//!   if sent alone).
 //! - `delta.rs`: the per-tenant change log and `/v1.0/users/delta`.
 //! - `delivery.rs`: outbound calls to the subscriber: validation handshake and notification
 //!   delivery with the fault settings applied.
@@ -25,6 +27,7 @@
 //! (e.g. `http://` notification URLs are accepted for local use).
 
 mod api;
+mod batch;
 mod control;
 mod delivery;
 mod delta;
@@ -52,6 +55,7 @@ use url::Url;
 
 use crate::graph::{GraphUser, Subscription};
 
+pub use batch::MAX_BATCH_REQUESTS;
 pub use delivery::{DeliveryOutcome, DeliveryRecord};
 pub use groups::SimGroup;
 pub use mailbox::USER_PURPOSES;
@@ -134,6 +138,8 @@ pub struct RequestRecord {
     pub finished: Instant,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// One of the requests of a `POST /v1.0/$batch` (which is recorded too, after them).
+    pub in_batch: bool,
 }
 
 /// A cheap-to-clone handle on one simulated Graph service.

@@ -15,6 +15,8 @@ use url::Url;
 
 use super::*;
 
+/// `POST /$batch`.
+mod batch;
 /// `/users/delta` and the change log.
 mod delta;
 /// Tokens and permissions, groups and mailboxes.
