@@ -54,6 +54,9 @@ pub struct E2eArgs {
     /// `amqp.prefetch` (unacked deliveries per shard consumer).
     #[arg(long, default_value_t = 32)]
     pub prefetch: u16,
+    /// `graph.reads_in_flight` of the workers (0: no `$batch`, every read on its own).
+    #[arg(long, default_value_t = crate::config::DEFAULT_READS_IN_FLIGHT)]
+    pub reads_in_flight: usize,
     /// Simulated latency of every Graph API call.
     #[arg(long, default_value = "50ms", value_parser = crate::cli::parse_duration)]
     pub graph_latency: Duration,
@@ -84,8 +87,11 @@ struct RunResult {
     converged: usize,
     applied_per_sec: f64,
     offered_per_sec: f64,
-    /// Graph requests about single users (the user, its groups, its mailbox settings).
+    /// Graph reads about single users (the user, its groups, its mailbox settings), alone
+    /// or in a `$batch`.
     graph_calls: usize,
+    /// HTTP requests that carried them (a `$batch` counts once).
+    graph_requests: usize,
     other_graph: usize,
     pp_requests: u64,
     pp_writes: u64,
@@ -140,8 +146,11 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
         args.graph_latency, args.proofpoint_latency
     );
     println!(
-        "  workers:     worker.concurrency {}, amqp.prefetch {}, proofpoint.requests_per_second {}",
-        args.concurrency, args.prefetch, args.proofpoint_rps
+        "  workers:     worker.concurrency {}, amqp.prefetch {}, proofpoint.requests_per_second {}, graph.reads_in_flight {}",
+        args.concurrency, args.prefetch, args.proofpoint_rps, args.reads_in_flight
+    );
+    println!(
+        "  columns:     Graph rd/ch = user reads per change (alone or in a $batch); Graph rq/ch = HTTP requests that carried them"
     );
     anyhow::ensure!(
         args.users >= WARM_UP + args.flips,
@@ -169,14 +178,15 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "  {:>7} {:>6} {:>10} {:>10} {:>12} {:<30} {:>11} {:>11} {:>11} {:>9} workers (peak RSS)",
+        "  {:>7} {:>6} {:>10} {:>10} {:>12} {:<30} {:>11} {:>11} {:>11} {:>11} {:>9} workers (peak RSS)",
         "workers",
         "shards",
         "offered/s",
         "applied/s",
         "converged",
         "flip→write p50/p90/p99/max ms",
-        "Graph/ch",
+        "Graph rd/ch",
+        "Graph rq/ch",
         "PP calls/ch",
         "PP PUT/ch",
         "receiver",
@@ -184,7 +194,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     for r in &results {
         let n = args.flips.max(1) as f64;
         println!(
-            "  {:>7} {:>6} {:>10.0} {:>10.0} {:>12} {:<30} {:>11.2} {:>11.2} {:>11.2} {:>9} {}",
+            "  {:>7} {:>6} {:>10.0} {:>10.0} {:>12} {:<30} {:>11.2} {:>11.2} {:>11.2} {:>11.2} {:>9} {}",
             r.workers,
             r.shards,
             r.offered_per_sec,
@@ -192,6 +202,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
             format!("{}/{}", r.converged, args.flips),
             r.latency.summary(),
             r.graph_calls as f64 / n,
+            r.graph_requests as f64 / n,
             r.pp_requests as f64 / n,
             r.pp_writes as f64 / n,
             support::mib(r.receiver_rss),
@@ -255,6 +266,7 @@ async fn run_one(
     cfg.amqp.shards = shards;
     cfg.amqp.prefetch = args.prefetch;
     cfg.worker.concurrency = args.concurrency;
+    cfg.graph.reads_in_flight = args.reads_in_flight;
     cfg.proofpoint.requests_per_second = args.proofpoint_rps;
     let port = support::free_port()?;
     cfg.receiver.listen = ([127, 0, 0, 1], port).into();
@@ -360,6 +372,16 @@ async fn run_one(
             && !r.path.starts_with("/v1.0/users/delta")
     };
     let graph_calls = window.iter().filter(is_user_read).count();
+    let alone = window
+        .iter()
+        .filter(is_user_read)
+        .filter(|r| !r.in_batch)
+        .count();
+    let batches = window
+        .iter()
+        .filter(|r| r.path == "/v1.0/$batch" && !r.in_batch)
+        .count();
+    let requests = window.iter().filter(|r| !r.in_batch).count();
 
     let mut result = RunResult {
         workers,
@@ -369,7 +391,8 @@ async fn run_one(
         offered_per_sec: offered,
         latency,
         graph_calls,
-        other_graph: window.len() - graph_calls,
+        graph_requests: alone + batches,
+        other_graph: requests - alone - batches,
         pp_requests: pp_after.requests - pp_before.requests,
         pp_writes: pp_after.writes - pp_before.writes,
         receiver_rss: receiver.stop().await,

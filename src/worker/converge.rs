@@ -20,11 +20,34 @@ use crate::state::UserState;
 
 /// Clock difference tolerated between the receiver's and the worker's hosts when coalescing.
 const CLOCK_MARGIN: chrono::Duration = chrono::Duration::seconds(2);
+
+/// When the last completed evaluation of a user started.
+///
+/// Two ways to know that a message is already reflected by it: the message was received
+/// (by whichever receiver, on whichever host's clock) more than [`CLOCK_MARGIN`] before it;
+/// or this process took the message from the queue before it started (one clock, no
+/// margin: this coalesces a burst of notifications for one change however close together).
+/// Either way the message was published before the evaluation read Graph, so the change it
+/// reports was visible to that read. (Graph's own replication lag, a read that does not yet
+/// show a change it has notified, is not covered here; the delta backstop is.)
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Evaluated {
+    wall: DateTime<Utc>,
+    local: Instant,
+}
+
+impl Evaluated {
+    /// Whether this evaluation reflects a message received at `received_at` and taken from
+    /// the queue by this process at `taken`.
+    fn covers(&self, received_at: DateTime<Utc>, taken: Instant) -> bool {
+        self.wall > received_at + CLOCK_MARGIN || self.local > taken
+    }
+}
 /// How long the org's user count (the breaker's denominator) is cached.
 const ORG_SIZE_TTL: Duration = Duration::from_secs(600);
 
 impl Worker {
-    pub(super) async fn converge_user(&self, m: &UserChanged) -> Outcome {
+    pub(super) async fn converge_user(&self, m: &UserChanged, taken: Instant) -> Outcome {
         let Some(org) = self.orgs.get(&m.tenant_id.to_ascii_lowercase()) else {
             return Outcome::Permanent {
                 reason: "unknown_tenant",
@@ -32,12 +55,16 @@ impl Worker {
             };
         };
         let now = Utc::now();
+        let started = Evaluated {
+            wall: now,
+            local: Instant::now(),
+        };
         let key = format!(
             "{}/{}",
             m.tenant_id.to_ascii_lowercase(),
             m.user_id.to_ascii_lowercase()
         );
-        if m.origin != Origin::Recheck && self.evaluated_since(&key, m.received_at) {
+        if m.origin != Origin::Recheck && self.evaluated_since(&key, m.received_at, taken) {
             return skipped(
                 "coalesced",
                 "an evaluation that started after this message arrived already converged the user",
@@ -49,30 +76,30 @@ impl Worker {
             outcome,
             Outcome::Applied { .. } | Outcome::NoChange { .. } | Outcome::Skipped { .. }
         ) {
-            self.mark_evaluated(key, now);
+            self.mark_evaluated(key, started);
         }
         outcome
     }
 
-    /// Whether an evaluation started clearly after `received_at` (by more than
-    /// [`CLOCK_MARGIN`], as receiver and worker may run on different hosts' clocks).
-    fn evaluated_since(&self, key: &str, received_at: DateTime<Utc>) -> bool {
+    /// Whether an evaluation of the user started after the message arrived: see
+    /// [`Evaluated`].
+    fn evaluated_since(&self, key: &str, received_at: DateTime<Utc>, taken: Instant) -> bool {
         let map = self
             .evaluated
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.get(key)
-            .is_some_and(|started| *started > received_at + CLOCK_MARGIN)
+            .is_some_and(|started| started.covers(received_at, taken))
     }
 
-    fn mark_evaluated(&self, key: String, started: DateTime<Utc>) {
+    fn mark_evaluated(&self, key: String, started: Evaluated) {
         let mut map = self
             .evaluated
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if map.len() > 100_000 {
-            let horizon = started - chrono::Duration::hours(1);
-            map.retain(|_, t| *t > horizon);
+            let horizon = started.wall - chrono::Duration::hours(1);
+            map.retain(|_, t| t.wall > horizon);
         }
         map.insert(key, started);
     }
@@ -439,5 +466,45 @@ fn pp_failure(e: PpError) -> Outcome {
             reason: "proofpoint_rejected",
             error: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_evaluation_covers_messages_taken_before_it_or_received_well_before_it() {
+        let taken = Instant::now();
+        let received_at = Utc::now();
+        let just_after = Evaluated {
+            wall: received_at + chrono::Duration::milliseconds(5),
+            local: taken + Duration::from_millis(5),
+        };
+        assert!(
+            just_after.covers(received_at, taken),
+            "taken before the evaluation started: covered, however close (one clock)"
+        );
+        let started_before_taken = Evaluated {
+            wall: received_at + chrono::Duration::milliseconds(5),
+            local: taken - Duration::from_millis(1),
+        };
+        assert!(
+            !started_before_taken.covers(received_at, taken),
+            "arrived while it ran: its change may postdate the read"
+        );
+        let long_after_receipt = Evaluated {
+            wall: received_at + CLOCK_MARGIN + chrono::Duration::milliseconds(1),
+            local: taken - Duration::from_millis(1),
+        };
+        assert!(
+            long_after_receipt.covers(received_at, taken),
+            "received (by any receiver) more than the clock margin before: covered"
+        );
+        let within_margin = Evaluated {
+            wall: received_at + CLOCK_MARGIN,
+            local: taken - Duration::from_millis(1),
+        };
+        assert!(!within_margin.covers(received_at, taken));
     }
 }

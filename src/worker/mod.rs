@@ -70,10 +70,11 @@ pub struct Worker {
     locks: KeyedLocks,
     /// Counts this process's deactivations; its trip is persisted in the state store.
     breaker: Mutex<Breaker>,
-    /// Shard key → start of the last completed evaluation: a message received before it is
-    /// already reflected in Proofpoint (coalescing duplicates, late notifications and delta
-    /// hits for the same change).
-    evaluated: StdMutex<HashMap<String, chrono::DateTime<Utc>>>,
+    /// Shard key → start of the last completed evaluation, by the wall clock and by this
+    /// process's clock: a message that arrived before it is already reflected in
+    /// Proofpoint (coalescing duplicates, late notifications and delta hits for the same
+    /// change). See [`converge`].
+    evaluated: StdMutex<HashMap<String, converge::Evaluated>>,
     /// Org domain → (when counted, users): the breaker's share denominator.
     org_sizes: Mutex<HashMap<String, (std::time::Instant, usize)>>,
 }
@@ -171,6 +172,7 @@ impl Worker {
 
     /// Process one delivery end to end and settle it.
     pub async fn handle(&self, delivery: Delivery) {
+        let taken = std::time::Instant::now();
         let previous = delivery.delivered.attempt();
         let span = tracing::info_span!(
             "message",
@@ -199,7 +201,7 @@ impl Worker {
             Span::current().record("user_id", decoded.message.subject());
             // Per-user serialization within this process; shards give it across processes.
             let _guard = self.locks.lock(decoded.message.shard_key()).await;
-            let outcome = self.process(&decoded).await;
+            let outcome = self.process(&decoded, taken).await;
             self.finish(delivery, Some(&decoded), outcome, previous, &trace)
                 .await;
         }
@@ -227,10 +229,11 @@ impl Worker {
         })
     }
 
-    /// Decide what this message means and carry it out (no settlement here).
-    pub async fn process(&self, decoded: &Decoded) -> Outcome {
+    /// Decide what this message means and carry it out (no settlement here). `taken`: when
+    /// this process took the message from the queue.
+    async fn process(&self, decoded: &Decoded, taken: std::time::Instant) -> Outcome {
         match &decoded.message {
-            Message::UserChanged(m) => self.converge_user(m).await,
+            Message::UserChanged(m) => self.converge_user(m, taken).await,
             Message::Lifecycle(l) => self.lifecycle(l).await,
             Message::UserOutcome(_) => Outcome::Permanent {
                 reason: "unexpected_message_type",
