@@ -398,9 +398,23 @@ async fn run_one(
         receiver_rss: receiver.stop().await,
         worker_rss: Vec::new(),
     };
+    let mut split = Vec::new();
     for p in procs {
+        split.push(p.rss_split_kib());
         result.worker_rss.push(p.stop().await);
     }
+    println!(
+        "  worker RSS at the end, anonymous + file-backed (the binary's code): {}",
+        split
+            .iter()
+            .map(|s| s.map_or("?".into(), |(anon, file)| format!(
+                "{} + {}",
+                support::mib(Some(anon)),
+                support::mib(Some(file))
+            )))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if converged < chosen.len() {
         eprintln!(
             "  note: {workers} worker(s), {shards} shards: {} of {} flips did not converge within {:?}",

@@ -238,6 +238,15 @@ impl FlagrelayProcess {
     }
 
     /// Read the peak RSS, then stop the process (SIGKILL: nothing of it is kept).
+    /// Current resident memory split as (anonymous: heap and stacks; file-backed: mostly
+    /// the binary's code), in KiB.
+    pub fn rss_split_kib(&self) -> Option<(u64, u64)> {
+        Some((
+            proc_status_kib(self.pid, "RssAnon:")?,
+            proc_status_kib(self.pid, "RssFile:")?,
+        ))
+    }
+
     pub async fn stop(mut self) -> Option<u64> {
         let peak = self.peak_rss_kib();
         let _ = self.child.kill().await;
