@@ -267,11 +267,12 @@ impl GraphClient {
         let retry_after = header("retry-after")
             .and_then(|s| s.trim().parse::<f64>().ok())
             .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
-        let mut body = match &a.body {
+        let body = match &a.body {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        body.truncate(body.floor_char_boundary(MAX_ERROR_BODY));
+        let cut = &body.as_bytes()[..body.len().min(MAX_ERROR_BODY)];
+        let body = String::from_utf8_lossy(cut).into_owned();
         let error = status_error(a.status, retry_after, body, Endpoint::Api);
         if let GraphError::Throttled {
             retry_after: Some(wait),
