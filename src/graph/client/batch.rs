@@ -66,8 +66,11 @@ impl TenantReads {
         answer
     }
 
+    /// Up to [`MAX_BATCH`] waiting reads, oldest first; reads whose caller has gone away are
+    /// dropped, not sent.
     fn take(&self) -> Vec<Pending> {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.retain(|p| !p.reply.is_closed());
         let n = waiting.len().min(MAX_BATCH);
         waiting.drain(..n).collect()
     }
