@@ -781,12 +781,14 @@ fn send_error(error: reqwest::Error) -> GraphError {
 
 async fn error_body(resp: reqwest::Response) -> String {
     match resp.bytes().await {
-        Ok(bytes) => {
-            let cut = &bytes[..bytes.len().min(MAX_ERROR_BODY)];
-            String::from_utf8_lossy(cut).into_owned()
-        }
+        Ok(bytes) => capped(&bytes),
         Err(e) => format!("<error body unreadable: {}>", e.without_url()),
     }
+}
+
+/// An error body as kept in errors and logs: its first [`MAX_ERROR_BODY`] bytes.
+fn capped(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_ERROR_BODY)]).into_owned()
 }
 
 /// Read a 2xx answer as JSON; a body that does not parse is [`GraphError::Rejected`].

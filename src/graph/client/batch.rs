@@ -18,16 +18,15 @@
 //! with the same error. Answers are matched to reads by `id`, never by position (Graph
 //! returns them in any order).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, oneshot};
 use url::Url;
 
-use super::{Endpoint, GraphClient, MAX_ERROR_BODY, read_json, status_error};
+use super::{Endpoint, GraphClient, capped, parse_retry_after, read_json, status_error};
 use crate::graph::GraphError;
 
 /// Graph's limit of requests in one batch.
@@ -258,24 +257,24 @@ impl GraphClient {
         if (200..300).contains(&a.status) {
             return Ok(a.body);
         }
-        let header = |name: &str| {
-            a.headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| match v {
+        // The answer's headers read as an HTTP answer's would (`Retry-After` as seconds or
+        // an HTTP-date).
+        let headers: reqwest::header::HeaderMap = a
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let value = match value {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
-                })
-        };
-        let retry_after = header("retry-after")
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
+                };
+                Some((name.parse().ok()?, value.parse().ok()?))
+            })
+            .collect();
+        let retry_after = parse_retry_after(&headers, Utc::now());
         let body = match &a.body {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
+            Value::String(s) => capped(s.as_bytes()),
+            other => capped(other.to_string().as_bytes()),
         };
-        let cut = &body.as_bytes()[..body.len().min(MAX_ERROR_BODY)];
-        let body = String::from_utf8_lossy(cut).into_owned();
         let error = status_error(a.status, retry_after, body, Endpoint::Api);
         if let GraphError::Throttled {
             retry_after: Some(wait),
