@@ -26,6 +26,7 @@
 //!   each processing outcome to ack / retry / dead-letter in one function.
 //! - [`policy`]: pure decision logic (no IO, no clock): rules, guards, grace, the breaker.
 //! - [`state`]: the worker's small durable memory (grace starts, exemptions it added, trips).
+//! - [`identity`]: pure rules: which address a user is written under, and is it really theirs.
 //! - [`graph`], [`proofpoint`]: API traits and their HTTP clients.
 //! - [`sim`]: faithful simulators of both APIs, used by tests, the demo and staging setups.
 //! - [`app`]: wires the parts into the `serve` / `work` / `run` processes.
@@ -42,6 +43,7 @@ pub mod config;
 pub mod demo;
 pub mod explain;
 pub mod graph;
+pub mod identity;
 pub mod message;
 pub mod notification;
 pub mod otlp;

@@ -36,6 +36,7 @@ use serde::de::DeserializeOwned;
 use url::Url;
 
 mod batch;
+mod lookup;
 
 use super::paging::{self, DeltaWire, Page};
 /// Re-exported for the simulator's tests, which read the tokens it mints.
@@ -569,6 +570,14 @@ impl GraphApi for GraphClient {
     async fn users_delta_next(&self, tenant_id: &str, link: &str) -> Result<DeltaPage, GraphError> {
         let url = self.same_origin(link)?;
         self.delta_page(tenant_id, "users_delta_next", url).await
+    }
+
+    async fn users_with_address(
+        &self,
+        tenant_id: &str,
+        address: &str,
+    ) -> Result<Vec<GraphUser>, GraphError> {
+        self.holders_of(tenant_id, address).await
     }
 
     async fn renew_subscription(

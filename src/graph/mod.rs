@@ -29,6 +29,16 @@ pub const USER_SELECT: &[&str] = &[
     "onPremisesExtensionAttributes",
 ];
 
+/// Properties [`GraphApi::users_with_address`] selects for each holder: enough to tell who
+/// it is, whether it can sign in, and which of its properties carries the address.
+pub const ADDRESS_HOLDER_SELECT: &[&str] = &[
+    "id",
+    "accountEnabled",
+    "mail",
+    "userPrincipalName",
+    "proxyAddresses",
+];
+
 /// A Graph user as flagrelay reads it. Absent properties (not selected, or unset) are `None`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -299,6 +309,21 @@ pub trait GraphApi: Send + Sync + std::fmt::Debug {
     /// token anywhere. [`GraphError::DeltaTokenExpired`] means: start over with
     /// [`GraphApi::users_delta_start`].
     async fn users_delta_next(&self, tenant_id: &str, link: &str) -> Result<DeltaPage, GraphError>;
+
+    /// Every user of the tenant whose `mail`, `userPrincipalName` or any `proxyAddresses`
+    /// entry (its `smtp:`/`SMTP:` prefix aside) equals `address`, case-insensitively: who
+    /// else could a write under this address reach? `GET /users?$filter=...` (all pages),
+    /// each user with [`ADDRESS_HOLDER_SELECT`].
+    ///
+    /// The answer is Graph's, not filtered again: every object Graph names counts as a
+    /// holder, so a check built on it fails closed. Only users are searched (not groups or
+    /// contacts, which can carry addresses too). An empty address is refused locally
+    /// ([`GraphError::Rejected`] with status 400). Needs `User.Read.All`.
+    async fn users_with_address(
+        &self,
+        tenant_id: &str,
+        address: &str,
+    ) -> Result<Vec<GraphUser>, GraphError>;
 
     /// `PATCH /subscriptions/{id}` with a new `expirationDateTime`. An unknown (expired and
     /// removed) subscription is [`GraphError::Rejected`] with status 404: create it again.

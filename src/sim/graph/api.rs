@@ -29,7 +29,9 @@ use subtle::ConstantTimeEq;
 
 use super::delivery::MAX_RECORDS;
 use super::permissions::{self, READ_LIFECYCLE_INFO, READ_USERS, TokenClaims};
-use super::{Grant, GraphSim, RequestRecord, Tenant, batch, delta, groups, mailbox, subscriptions};
+use super::{
+    Grant, GraphSim, RequestRecord, Tenant, batch, delta, groups, mailbox, subscriptions, users,
+};
 use crate::graph::USER_SELECT;
 
 /// Properties `GET /users/{id}` returns without `$select` (Graph's default set: note that
@@ -92,6 +94,7 @@ pub(super) fn routes() -> Router<GraphSim> {
 pub(super) fn api_routes() -> Router<GraphSim> {
     Router::new()
         .route("/v1.0/users/{id}", get(get_user))
+        .merge(users::routes())
         .merge(delta::routes())
         .merge(groups::routes())
         .merge(mailbox::routes())
@@ -331,6 +334,15 @@ pub(super) fn api_base(headers: &HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("localhost");
     format!("http://{host}/v1.0")
+}
+
+/// Whether the request carries `ConsistencyLevel: eventual`, the header of Graph's advanced
+/// queries on directory objects.
+pub(super) fn eventual_consistency(headers: &HeaderMap) -> bool {
+    headers
+        .get("consistencylevel")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("eventual"))
 }
 
 /// A query option by name (`$select` and `select` alike, as Graph v1.0 accepts both).

@@ -292,7 +292,7 @@ fn check_select(select: Option<&str>) -> Result<(), ApiError> {
 }
 
 /// A user as a delta item: its `$select`ed properties, without `@odata.context`.
-fn render_item(
+pub(super) fn render_item(
     user: &GraphUser,
     select: Option<&str>,
     base: &str,

@@ -28,15 +28,13 @@ use axum::routing::get;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use super::api::{ApiError, api_base, find_user, gate_with, query_option, user_not_found};
+use super::api::{
+    ApiError, api_base, eventual_consistency, find_user, gate_with, query_option, user_not_found,
+};
+use super::paging::{Paging, next_query};
 use super::permissions::{READ_GROUPS, READ_MEMBERSHIPS};
 use super::{GraphSim, SimError, Tenant};
 use crate::graph::Group;
-
-/// Graph's largest `transitiveMemberOf` page.
-const MAX_TOP: usize = 999;
-/// Graph's page without `$top`.
-const DEFAULT_TOP: usize = 100;
 
 /// A group as the simulator stores it.
 pub(super) struct GroupRecord {
@@ -251,10 +249,7 @@ async fn transitive_member_of(
     let result = (|| {
         let query = query.as_deref();
         let count = query_option(query, "count").is_some_and(|c| c.eq_ignore_ascii_case("true"));
-        let eventual = headers
-            .get("consistencylevel")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("eventual"));
+        let eventual = eventual_consistency(&headers);
         if uri.path().ends_with("/microsoft.graph.group") && !(count && eventual) {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -263,25 +258,7 @@ async fn transitive_member_of(
                  and $count=true.",
             ));
         }
-        let top = match query_option(query, "top") {
-            None => DEFAULT_TOP,
-            Some(t) => t
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_TOP).contains(n))
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "Invalid page size specified: '{t}'. Must be between 1 and {MAX_TOP} inclusive."
-                    ))
-                })?,
-        };
-        let skip = match query_option(query, "skiptoken") {
-            None => 0,
-            Some(t) => t
-                .parse::<usize>()
-                .map_err(|_| ApiError::bad_request("Invalid $skiptoken."))?,
-        };
+        let Paging { top, skip } = Paging::from_query(query)?;
         let select = query_option(query, "select");
         let names_visible = caller.has_any(READ_GROUPS);
         let st = sim.state();
@@ -319,18 +296,6 @@ async fn transitive_member_of(
         Ok((StatusCode::OK, axum::Json(body)).into_response())
     })();
     caller.respond(result)
-}
-
-/// The request's query with `$skiptoken` set to `skip`.
-fn next_query(query: Option<&str>, skip: usize) -> String {
-    let mut out = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        if !k.trim_start_matches('$').eq_ignore_ascii_case("skiptoken") {
-            out.append_pair(&k, &v);
-        }
-    }
-    out.append_pair("$skiptoken", &skip.to_string());
-    out.finish()
 }
 
 /// A group as `transitiveMemberOf` renders it: `@odata.type` and `id` always, the selected

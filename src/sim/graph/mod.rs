@@ -1,5 +1,6 @@
 //! A faithful Microsoft Graph simulator for the parts flagrelay uses: the client-credentials
-//! token endpoint (JWT-shaped tokens carrying the app's permissions), `GET /users/{id}`, a
+//! token endpoint (JWT-shaped tokens carrying the app's permissions), `GET /users/{id}`, the
+//! user list with the address `$filter` flagrelay's identity check sends, a
 //! user's transitive group memberships, mailbox settings (`userPurpose`), subscriptions (with
 //! the real validation handshake) and change notifications, delivered with configurable
 //! delays, duplicates, drops, reordering, batching and retries.
@@ -10,7 +11,10 @@
 //!
 //! # Layout
 //! - `mod.rs` (this file): the handle, its state, the Rust control API and the server handle.
-//! - `api.rs`: the Graph-facing HTTP API: token endpoint, `/v1.0/users`, the request gate.
+//! - `api.rs`: the Graph-facing HTTP API: token endpoint, `/v1.0/users/{id}`, the request gate.
+//! - `users.rs`: the user list `/v1.0/users`, narrowed by the `$filter` subset of
+//!   `filter.rs` (finding every holder of an address).
+//! - `paging.rs`: `$top` / `$skiptoken` paging of directory lists.
 //! - `permissions.rs`: application permissions per app, the tokens carrying them, the checks.
 //! - `groups.rs`: groups with nested members, `/v1.0/users/{id}/transitiveMemberOf`.
 //! - `mailbox.rs`: mailbox purpose per user, `/v1.0/users/{id}/mailboxSettings`.
@@ -31,13 +35,16 @@ mod batch;
 mod control;
 mod delivery;
 mod delta;
+mod filter;
 mod groups;
 mod mailbox;
+mod paging;
 mod permissions;
 mod settings;
 mod subscriptions;
 #[cfg(test)]
 pub(crate) mod tests;
+mod users;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

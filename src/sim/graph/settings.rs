@@ -144,6 +144,9 @@ pub struct GraphSimSettings {
     pub handshake_timeout: Duration,
     /// Graph's quota for users subscriptions per app per tenant; over it creation gets 403.
     pub max_subscriptions_per_app_per_tenant: usize,
+    /// The most users one `GET /users` page holds whatever `$top` asks for (Graph: 999;
+    /// without `$top` a page holds 100). Small values make paging testable.
+    pub users_page_size: usize,
     /// Items per `/users/delta` page (small values make `@odata.nextLink` testable).
     pub delta_page_size: usize,
     /// How long delta and skip tokens stay usable (Graph: 7 days for directory objects).
@@ -163,6 +166,7 @@ impl Default for GraphSimSettings {
             opaque_tokens: false,
             handshake_timeout: Duration::from_secs(10),
             max_subscriptions_per_app_per_tenant: 100,
+            users_page_size: 999,
             delta_page_size: 100,
             delta_token_lifetime: Duration::from_secs(7 * 24 * 3600),
             delta_token_expired_status: 410,

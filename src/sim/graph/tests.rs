@@ -21,6 +21,8 @@ mod batch;
 mod delta;
 /// Tokens and permissions, groups and mailboxes.
 mod directory;
+/// The user list `/users` and its `$filter`.
+mod users;
 
 pub(crate) const TENANT: &str = "11111111-aaaa-4aaa-8aaa-111111111111";
 pub(crate) const APP: &str = "22222222-bbbb-4bbb-8bbb-222222222222";
