@@ -19,10 +19,12 @@ use crate::queue::Queue;
 use crate::queue::embedded::EmbeddedQueue;
 use crate::queue::rabbitmq::RabbitQueue;
 use crate::receiver::{self, ReceiverSettings, ReceiverState};
-use crate::state::StateStore;
+use crate::history::{HistorySink, HistoryWriter};
+use crate::identity::OrgDomains;
+use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::worker::outcome::RetryPolicy;
-use crate::worker::{Worker, WorkerDeps, WorkerSettings};
+use crate::worker::{Org, Worker, WorkerDeps, WorkerSettings};
 
 /// A configured flagrelay process: every part built, nothing running yet.
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct App {
     pub proofpoint: Arc<dyn ProofpointApi>,
     pub policy: Arc<SharedPolicy>,
     pub metrics: Arc<Metrics>,
+    /// The state store, opened on first use (`serve` never needs it).
+    store: Arc<tokio::sync::OnceCell<Arc<dyn Store>>>,
     /// Where the admin listener listens, once bound (`admin.listen` may ask for port 0).
     admin_addr: Arc<OnceLock<SocketAddr>>,
 }
@@ -102,8 +106,45 @@ impl App {
             proofpoint,
             policy,
             metrics: Arc::new(Metrics::default()),
+            store: Arc::default(),
             admin_addr: Arc::default(),
         })
+    }
+
+    /// Use `store` instead of the one the configuration names (tests, benchmarks).
+    pub fn with_store(self, store: Arc<dyn Store>) -> Self {
+        let cell = tokio::sync::OnceCell::new();
+        let _ = cell.set(store);
+        Self {
+            store: Arc::new(cell),
+            ..self
+        }
+    }
+
+    /// The state store: PostgreSQL at `state.url`, else SQLite under `worker.state_dir`;
+    /// opened (and migrated) on first use, shared by every part of the process.
+    pub async fn store(&self) -> anyhow::Result<Arc<dyn Store>> {
+        let store = self
+            .store
+            .get_or_try_init(|| crate::store::open(&self.config))
+            .await
+            .context("opening the state store")?;
+        Ok(store.clone())
+    }
+
+    /// Each tenant's org: access and the mail domains flagrelay may write.
+    fn orgs(&self) -> Vec<(crate::ids::TenantId, Org)> {
+        self.config
+            .tenants
+            .iter()
+            .map(|t| {
+                let org = Org {
+                    access: self.config.org_access(t),
+                    domains: OrgDomains::new(&t.org_domain, &t.accepted_domains),
+                };
+                (t.id.clone(), org)
+            })
+            .collect()
     }
 
     /// Re-read the policy file (SIGHUP). An invalid file is refused and the policy in force
@@ -131,7 +172,7 @@ impl App {
         let settings = self.receiver_settings();
         let state = ReceiverState::new(
             self.config.graph.client_state().clone(),
-            self.config.tenants.iter().map(|t| t.id.clone()),
+            self.config.tenants.iter().map(|t| t.id.to_string()),
             self.queue.clone(),
             self.config.signing.signer(),
             self.metrics.clone(),
@@ -140,14 +181,9 @@ impl App {
         receiver::router(state, &settings)
     }
 
-    /// A worker over this app's parts.
-    pub fn worker(&self) -> anyhow::Result<Arc<Worker>> {
-        let state = StateStore::open(&self.config.worker.state_dir).with_context(|| {
-            format!(
-                "invalid configuration value for `worker.state_dir`: cannot use {}",
-                self.config.worker.state_dir.display()
-            )
-        })?;
+    /// A worker over this app's parts, recording its decisions into `history`.
+    pub async fn worker(&self, history: HistorySink) -> anyhow::Result<Arc<Worker>> {
+        let store = self.store().await?;
         let w = &self.config.worker;
         Ok(Worker::new(
             WorkerDeps {
@@ -156,7 +192,8 @@ impl App {
                 proofpoint: self.proofpoint.clone(),
                 policy: self.policy.clone(),
                 metrics: self.metrics.clone(),
-                state,
+                store,
+                history,
             },
             WorkerSettings {
                 concurrency: w.concurrency,
@@ -166,15 +203,23 @@ impl App {
                     backoff_max: w.backoff_max,
                 },
                 dry_run: w.dry_run,
-                breaker_recheck: w.breaker_recheck,
                 shutdown_deadline: Duration::from_secs(20),
             },
             self.config.signing.verifier(),
             self.config.signing.signer(),
-            self.config
-                .tenants
-                .iter()
-                .map(|t| (t.id.clone(), self.config.org_access(t))),
+            self.orgs(),
+        ))
+    }
+
+    /// The history writer of a worker process (drained at shutdown).
+    async fn history(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(HistorySink, HistoryWriter)> {
+        Ok(HistorySink::spawn(
+            self.store().await?,
+            self.metrics.clone(),
+            shutdown.clone(),
         ))
     }
 
@@ -221,12 +266,15 @@ impl App {
     /// Run a worker, and the admin listener, until `shutdown`.
     pub async fn work(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.declare().await;
-        let worker = self.worker()?;
+        let (history, writer) = self.history(&shutdown).await?;
+        let worker = self.worker(history).await?;
         self.start_admin(Role::Work, shutdown.clone()).await?;
         self.check_permissions().await;
         self.reload_on_sighup(shutdown.clone());
-        self.lead(shutdown.clone());
-        worker.run(shutdown).await.context("worker failed")
+        self.lead(shutdown.clone()).await?;
+        let worked = worker.run(shutdown).await.context("worker failed");
+        writer.finished().await;
+        worked
     }
 
     /// The admin routes of a process playing `role`, for serving or for calling directly.
@@ -252,18 +300,20 @@ impl App {
             graph: calls_apis.then(|| {
                 (
                     self.graph.clone(),
-                    tenants.iter().map(|t| t.id.clone()).collect(),
+                    tenants.iter().map(|t| t.id.to_string()).collect(),
                 )
             }),
             proofpoint: calls_apis.then(|| {
                 let orgs = tenants.iter().map(|t| self.config.org_access(t)).collect();
                 (self.proofpoint.clone(), orgs)
             }),
-            state: if calls_apis {
-                StateStore::open(&self.config.worker.state_dir).ok()
+            // Opened by then for the roles that use it (the worker is built first).
+            store: if calls_apis {
+                self.store.get().cloned()
             } else {
                 None
             },
+            policy: self.policy.clone(),
             metrics: self.metrics.clone(),
             every: self.config.admin.check_every,
         }
@@ -295,20 +345,23 @@ impl App {
         Ok(())
     }
 
-    /// Take part in leader election; while leading, manage subscriptions and poll delta.
-    pub fn lead(&self, shutdown: CancellationToken) {
+    /// Take part in leader election; while leading, manage subscriptions, poll delta, queue
+    /// due work and sweep.
+    pub async fn lead(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let store = self.store().await?;
         let lease = self.queue.leader_lease(shutdown.clone());
+        let scheduler = crate::scheduler::Scheduler {
+            store: store.clone(),
+            queue: self.queue.clone(),
+            signer: self.config.signing.signer(),
+            history_retention: self.config.state.history_retention,
+        };
+        tokio::spawn(scheduler.run(lease.clone(), shutdown.clone()));
         let reconciler = crate::reconciler::Reconciler {
             graph: self.graph.clone(),
             queue: self.queue.clone(),
             signer: self.config.signing.signer(),
-            state: match StateStore::open(&self.config.worker.state_dir) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "no state directory: the delta backstop is not running");
-                    return;
-                }
-            },
+            store,
             tenants: self.config.tenants.clone(),
             select: self.policy.current().needs().user_select(),
             interval: self.config.leader.delta_interval,
@@ -344,6 +397,7 @@ impl App {
                 )
                 .await;
         });
+        Ok(())
     }
 
     /// Receiver and worker in one process.
@@ -352,15 +406,17 @@ impl App {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let worker = self.worker()?;
+        let (history, writer) = self.history(&shutdown).await?;
+        let worker = self.worker(history).await?;
         self.start_admin(Role::Run, shutdown.clone()).await?;
         self.check_permissions().await;
         self.reload_on_sighup(shutdown.clone());
-        self.lead(shutdown.clone());
+        self.lead(shutdown.clone()).await?;
         let (served, worked) = tokio::join!(
             self.receive(listener, shutdown.clone()),
             worker.run(shutdown.clone())
         );
+        writer.finished().await;
         served?;
         worked.context("worker failed")
     }
@@ -433,7 +489,7 @@ impl App {
         dry_run: bool,
         progress: &mut (dyn FnMut(usize, Option<usize>) + Send),
     ) -> anyhow::Result<crate::sweep::SweepReport> {
-        let state = StateStore::open(&self.config.worker.state_dir)?;
+        let store = self.store().await?;
         let policy = self.policy.current();
         let signer = self.config.signing.signer();
         let sweeper = crate::sweep::Sweeper {
@@ -443,7 +499,7 @@ impl App {
             queue: self.queue.as_ref(),
             policy: policy.as_ref(),
             signer: &signer,
-            state: &state,
+            store: store.as_ref(),
         };
         Ok(sweeper.sweep(tenant, dry_run, progress).await?)
     }

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod store_commands;
+use store_commands::{BreakerCommand, HistoryArgs, IdentityCommand};
+
 use crate::app::{App, QueueChoice};
 use crate::config::{Config, ConfigError, LogConfig};
 use crate::{demo, explain, shutdown, sim, telemetry};
@@ -56,9 +59,17 @@ pub enum Command {
     /// Check a policy file, or explain the decision for one user.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Inspect or release the blast-radius breaker (it holds deactivations once tripped).
+    /// Inspect or release the blast-radius breaker (it holds deactivations once tripped);
+    /// the state is the fleet's, in the state store.
     #[command(subcommand)]
     Breaker(BreakerCommand),
+    /// Every evaluation's result: when, origin, rule, decision, the writes made, before and
+    /// after. `history --user alice@contoso.com --since 7d`.
+    History(HistoryArgs),
+    /// Identity bindings (Graph object ↔ Proofpoint address) and conflicts: show them, or
+    /// accept a legitimate change.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Drift sweep: evaluate every user and compare with Proofpoint; queue corrections
     /// through the normal pipeline (retries, guards and the breaker apply).
     Reconcile {
@@ -151,14 +162,6 @@ pub enum PolicyCommand {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BreakerCommand {
-    /// Show whether the breaker is tripped, when and why.
-    Status,
-    /// Release a tripped breaker: held deactivations proceed at their next look.
-    Release,
 }
 
 #[derive(Debug, clap::Args)]
@@ -284,8 +287,25 @@ async fn dispatch(cli: Cli) -> ExitCode {
             }
             Err(code) => return code,
         },
-        Command::Breaker(cmd) => match load(cli.config.as_deref()) {
-            Ok(cfg) => breaker_command(cmd, &cfg),
+        Command::Breaker(cmd) => match load_with_policy(cli.config.as_deref()) {
+            Ok(cfg) => {
+                telemetry::init(&quiet(&cfg.log));
+                store_commands::breaker(cmd, &cfg).await
+            }
+            Err(code) => return code,
+        },
+        Command::History(args) => match load(cli.config.as_deref()) {
+            Ok(cfg) => {
+                telemetry::init(&quiet(&cfg.log));
+                store_commands::history(args, &cfg).await
+            }
+            Err(code) => return code,
+        },
+        Command::Identity(cmd) => match load(cli.config.as_deref()) {
+            Ok(cfg) => {
+                telemetry::init(&quiet(&cfg.log));
+                store_commands::identity(cmd, &cfg).await
+            }
             Err(code) => return code,
         },
         Command::CheckConfig => match load_with_policy(cli.config.as_deref()) {
@@ -338,6 +358,14 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
             "invalid configuration value for `receiver.listen`: cannot listen on {addr}: {e}"
         )
     })
+}
+
+/// Operator commands print their own output; only warnings go to the log.
+fn quiet(log: &LogConfig) -> LogConfig {
+    LogConfig {
+        filter: "warn".into(),
+        ..log.clone()
+    }
 }
 
 /// Parse a humantime duration for clap.
@@ -408,24 +436,6 @@ async fn explain_command(
         "{}",
         explain::explain_live(&cfg, policy.as_ref(), &user, tenant.as_deref()).await?
     );
-    Ok(())
-}
-
-fn breaker_command(cmd: BreakerCommand, cfg: &Config) -> anyhow::Result<()> {
-    let store = crate::state::StateStore::open(&cfg.worker.state_dir)?;
-    match cmd {
-        BreakerCommand::Status => match store.active_trip()? {
-            None => println!("breaker: not tripped"),
-            Some(t) => println!("breaker: TRIPPED at {} ({})", t.at, t.reason),
-        },
-        BreakerCommand::Release => match store.release_breaker(chrono::Utc::now())? {
-            None => println!("breaker: not tripped; nothing to release"),
-            Some(t) => println!(
-                "breaker released (it tripped at {}); held deactivations proceed at their next look",
-                t.at
-            ),
-        },
-    }
     Ok(())
 }
 

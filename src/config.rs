@@ -34,6 +34,7 @@ const SECTIONS: &[&str] = &[
     "worker",
     "log",
     "admin",
+    "state",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,54 @@ pub struct Config {
     pub leader: LeaderConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    pub state: StateConfig,
+}
+
+/// Where flagrelay keeps what must survive processes, hosts and restarts (the breaker's
+/// counts, per-user state, identity bindings, the decision history): see [`crate::store`].
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// `postgres://user:password@host:5432/db` for several hosts. Absent: SQLite, one file
+    /// `flagrelay.db` under `worker.state_dir`. Secret: it can hold a password.
+    #[serde(skip_serializing)]
+    pub url: Option<SecretString>,
+    pub url_file: Option<PathBuf>,
+    /// Connections per process (PostgreSQL; SQLite uses a few of its own).
+    pub max_connections: u32,
+    /// How long a statement may wait for a connection (a store that does not answer within
+    /// it counts as unreachable: the work is retried, nothing is deactivated).
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// How long decisions are kept in the history; older ones are pruned in the background.
+    #[serde(with = "humantime_serde")]
+    pub history_retention: Duration,
+}
+
+impl std::fmt::Debug for StateConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateConfig")
+            .field(
+                "url",
+                &self.url.as_ref().map(|u| redact_url(u.expose_secret())),
+            )
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("history_retention", &self.history_retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            url_file: None,
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(3),
+            history_retention: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
 }
 
 /// The operator's listener: health, readiness, Prometheus metrics and the status page. Kept
@@ -296,8 +345,8 @@ impl Default for ProofpointConfig {
 #[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
-    /// Entra tenant id (GUID).
-    pub id: String,
+    /// Entra tenant id (GUID), lower-cased when read.
+    pub id: crate::ids::TenantId,
     /// The Proofpoint Essentials organization's primary domain.
     pub org_domain: String,
     #[serde(default)]
@@ -308,6 +357,10 @@ pub struct TenantConfig {
     pub proofpoint_password: Option<SecretString>,
     #[serde(default)]
     pub proofpoint_password_file: Option<PathBuf>,
+    /// Mail domains of the org besides `org_domain`: flagrelay writes only addresses in these
+    /// domains (an address elsewhere is an identity conflict, never written).
+    #[serde(default)]
+    pub accepted_domains: Vec<String>,
 }
 
 impl std::fmt::Debug for TenantConfig {
@@ -320,6 +373,7 @@ impl std::fmt::Debug for TenantConfig {
                 &self.proofpoint_base_url.as_ref().map(Url::as_str),
             )
             .field("proofpoint_username", &self.proofpoint_username)
+            .field("accepted_domains", &self.accepted_domains)
             .finish_non_exhaustive()
     }
 }
@@ -456,12 +510,15 @@ pub struct WorkerConfig {
     pub backoff_max: Duration,
     /// Compute and publish decisions without writing to Proofpoint.
     pub dry_run: bool,
-    /// Durable worker state (grace-period starts, exemptions flagrelay added, the breaker's
-    /// trip). Must persist across restarts; workers on several hosts must share it.
+    /// Where the embedded SQLite state store lives (`flagrelay.db`), unless `state.url`
+    /// names PostgreSQL; a JSON state directory of an older flagrelay here is imported once.
     pub state_dir: PathBuf,
-    /// How often a deactivation held by the tripped breaker is looked at again.
-    #[serde(with = "humantime_serde")]
-    pub breaker_recheck: Duration,
+    /// Removed (held deactivations wait in the state store until `flagrelay breaker
+    /// release`, which wakes them at once): kept only so that a file that still sets it is
+    /// refused with an explanation.
+    #[doc(hidden)]
+    #[serde(skip_serializing)]
+    pub breaker_recheck: Option<String>,
     /// Removed (the admin listener serves `/metrics` for every role): kept only so that a
     /// file that still sets it is refused with a pointer to `admin.listen`.
     #[doc(hidden)]
@@ -478,7 +535,7 @@ impl Default for WorkerConfig {
             backoff_max: Duration::from_secs(600),
             dry_run: false,
             state_dir: PathBuf::from("flagrelay-state"),
-            breaker_recheck: Duration::from_secs(120),
+            breaker_recheck: None,
             metrics_listen: None,
         }
     }
@@ -550,6 +607,22 @@ impl Config {
         resolve_secret("signing.key", &mut self.signing.key, &self.signing.key_file)?;
         if self.amqp.url.is_none() && self.amqp.url_file.is_some() {
             resolve_secret("amqp.url", &mut self.amqp.url, &self.amqp.url_file)?;
+        }
+        if self.state.url.is_none() && self.state.url_file.is_some() {
+            resolve_secret("state.url", &mut self.state.url, &self.state.url_file)?;
+        }
+        if let Some(url) = &self.state.url {
+            let parsed = Url::parse(url.expose_secret())
+                .map_err(|_| invalid("state.url", "is not a valid URL"))?;
+            if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+                return Err(invalid(
+                    "state.url",
+                    "must start with postgres:// (leave it unset for the embedded SQLite file)",
+                ));
+            }
+        }
+        if self.state.max_connections == 0 {
+            return Err(invalid("state.max_connections", "must be at least 1"));
         }
 
         require_http("graph.authority_url", &self.graph.authority_url)?;
@@ -636,7 +709,7 @@ impl Config {
             if t.id.trim().is_empty() {
                 return Err(invalid(format!("tenants[{i}].id"), "must not be empty"));
             }
-            if !seen.insert(t.id.to_ascii_lowercase()) {
+            if !seen.insert(t.id.clone()) {
                 return Err(invalid(
                     format!("tenants[{i}].id"),
                     format!("tenant {} is listed twice", t.id),
@@ -647,6 +720,16 @@ impl Config {
                     format!("tenants[{i}].org_domain"),
                     "must be a domain such as example.com",
                 ));
+            }
+            t.org_domain = t.org_domain.trim().to_ascii_lowercase();
+            for (j, d) in t.accepted_domains.iter_mut().enumerate() {
+                *d = d.trim().to_ascii_lowercase();
+                if !d.contains('.') || d.contains(['/', '@', '*']) {
+                    return Err(invalid(
+                        format!("tenants[{i}].accepted_domains[{j}]"),
+                        "must be a domain such as example.co.uk (no wildcards)",
+                    ));
+                }
             }
         }
         if let Some(url) = &self.amqp.url {
@@ -728,6 +811,13 @@ impl Config {
                  set `admin.listen` ([admin] listen = \"0.0.0.0:9090\", or FLAGRELAY_ADMIN__LISTEN) instead",
             ));
         }
+        if self.worker.breaker_recheck.is_some() {
+            return Err(invalid(
+                "worker.breaker_recheck",
+                "was removed: held deactivations wait in the state store and proceed within \
+                 seconds of `flagrelay breaker release`; delete the key",
+            ));
+        }
         if self.admin.check_every < Duration::from_millis(100) {
             return Err(invalid("admin.check_every", "must be at least 100ms"));
         }
@@ -744,7 +834,7 @@ impl Config {
     pub fn tenant(&self, tenant_id: &str) -> Option<&TenantConfig> {
         self.tenants
             .iter()
-            .find(|t| t.id.eq_ignore_ascii_case(tenant_id))
+            .find(|t| t.id == tenant_id)
     }
 
     /// How to reach the Proofpoint organization of a tenant.
@@ -873,6 +963,17 @@ pub fn redact_url(url: &str) -> String {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
+            }
+            // libpq-style URLs can carry the password as a parameter too.
+            if u.query_pairs().any(|(k, _)| k.contains("password")) {
+                let kept: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k.contains("password") { "***".into() } else { v.into_owned() };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(kept);
             }
             u.to_string()
         }

@@ -241,7 +241,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     // The cases mirroring gets wrong: sign-in blocked on a shared mailbox, and on a leaver.
     sandbox.set_enabled(&shared, false);
     sandbox.set_enabled(&leaver, false);
-    let state = crate::state::StateStore::open(&app.config.worker.state_dir)?;
+    let store = app.store().await?;
+    let leaver_key = crate::ids::UserKey::new(TENANT.into(), leaver.id.as_str().into());
     let deadline = Instant::now() + args.timeout;
     let shared_ok = loop {
         let exempt = sandbox.proofpoint.exemptions(ORG).contains(&shared.address);
@@ -263,7 +264,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         shared.address
     );
     let grace = loop {
-        let recheck = state.user(TENANT, &leaver.id)?.recheck_at;
+        let recheck = store.user(&leaver_key).await?.state.recheck_at;
         if recheck.is_some() || Instant::now() >= deadline {
             break recheck;
         }

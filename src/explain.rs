@@ -14,9 +14,11 @@ use crate::graph::{GraphApi, GraphUser, Group};
 use crate::policy::{Facts, Policy, RulePolicy};
 use crate::proofpoint::PpUser;
 use crate::proofpoint::client::ProofpointClient;
-use crate::state::StateStore;
-use crate::worker::converge::Plan;
-use crate::worker::gather::{Gathered, gather};
+use crate::evaluation::gather::{Gathered, gather};
+use crate::evaluation::decide;
+use crate::identity::OrgDomains;
+use crate::ids::UserKey;
+use crate::store::UserState;
 
 /// `policy check`: parse and compile the file; print what it needs.
 pub fn check(path: &Path) -> anyhow::Result<String> {
@@ -82,29 +84,31 @@ pub fn explain_offline(policy: &dyn Policy, input: OfflineUser, now: DateTime<Ut
         exempt: input.exempt,
         leave_date_fetched: policy.needs().leave_date,
     };
-    render(policy, &g.facts(disabled_since), added_by_us, now, &[])
+    let state = UserState {
+        disabled_since,
+        exemption_added: added_by_us,
+        recheck_at: None,
+    };
+    render(policy, &g, &state, now, &[])
 }
 
+/// The explanation of what the worker would decide and write: the same [`decide`].
 fn render(
     policy: &dyn Policy,
-    facts: &Facts<'_>,
-    added_by_us: bool,
+    g: &Gathered,
+    state: &UserState,
     now: DateTime<Utc>,
     notes: &[String],
 ) -> String {
-    let decision = policy.decide(facts, now);
+    let eval = decide(policy, g, state, now);
+    let (decision, plan) = (&eval.decision, eval.plan);
+    let facts: Facts<'_> = g.facts(eval.state.disabled_since);
     let mut out = String::new();
     for note in notes {
         out.push_str(&format!("note: {note}\n"));
     }
     out.push_str(&decision.render_explanation());
-    let address = &facts.proofpoint.primary_email;
-    let plan = Plan::new(
-        &decision,
-        facts.proofpoint.is_active,
-        facts.exempt,
-        added_by_us,
-    );
+    let address = &g.address;
     out.push_str("\nwrites:\n");
     if plan.is_empty() {
         out.push_str("  none (Proofpoint already matches the decision)\n");
@@ -121,7 +125,10 @@ fn render(
     if plan.remove_exemption {
         out.push_str(&format!("  DELETE /orgs/{{domain}}/settings/azure/exemptions/{address}   (flagrelay had added it)\n"));
     }
-    if plan.set_active == Some(false) {
+    if !plan.is_empty() {
+        out.push_str("  (writes pass the identity check first: the address must be bound to this Graph object)\n");
+    }
+    if plan.deactivates() {
         out.push_str("  (deactivations pass the blast-radius breaker first)\n");
     }
     if let Some(at) = decision.recheck_at {
@@ -163,16 +170,21 @@ pub async fn explain_live(
         Err(e) => anyhow::bail!("cannot get a Graph token for tenant {}: {e}", tenant.id),
     }
     // The worker's state: when sign-in was first seen blocked, exemptions it added.
-    let store = StateStore::open(&config.worker.state_dir)?;
-    let user_state = |id: &str| store.user(&tenant.id, id).unwrap_or_default();
-    let probe = gather(&graph, &pp, &org, &tenant.id, user, &needs, false).await;
+    let store = crate::store::open(config).await?;
+    let domains = OrgDomains::new(&tenant.org_domain, &tenant.accepted_domains);
+    let named = UserKey::new(tenant.id.clone(), user.into());
+    let probe = gather(&graph, &pp, &org, &domains, &named, &needs, false).await;
     let state = match &probe {
-        Ok(g) => user_state(&g.user.id),
-        Err(_) => Default::default(),
+        Ok(g) => {
+            let key = UserKey::new(tenant.id.clone(), g.user.id.as_str().into());
+            store.user(&key).await?.state
+        }
+        Err(_) => UserState::default(),
     };
     let g = match probe {
         Ok(g) if state.exemption_added && g.exempt.is_none() => {
-            gather(&graph, &pp, &org, &tenant.id, &g.user.id, &needs, true).await
+            let key = UserKey::new(tenant.id.clone(), g.user.id.as_str().into());
+            gather(&graph, &pp, &org, &domains, &key, &needs, true).await
         }
         other => other,
     }
@@ -180,12 +192,5 @@ pub async fn explain_live(
         let notes: String = notes.iter().map(|n| format!("\nnote: {n}")).collect();
         anyhow::anyhow!("{e}{notes}")
     })?;
-    let facts = g.facts(state.disabled_since);
-    Ok(render(
-        policy,
-        &facts,
-        state.exemption_added,
-        Utc::now(),
-        &notes,
-    ))
+    Ok(render(policy, &g, &state, Utc::now(), &notes))
 }

@@ -22,11 +22,17 @@
 //! - [`reconciler`]: the delta-query backstop run by the leader.
 //! - [`subscriptions`]: the Graph subscription manager run by the leader.
 //! - [`sweep`]: the drift sweep (`flagrelay reconcile`, and daily in the leader).
-//! - [`worker`]: consumes, reads Graph and Proofpoint, applies the policy's decision, and maps
-//!   each processing outcome to ack / retry / dead-letter in one function.
+//! - [`worker`]: consumes, verifies, coalesces, runs the evaluation, and maps each processing
+//!   outcome to ack / retry / dead-letter in one function.
+//! - [`evaluation`]: one user's evaluation in three steps shared by the worker, the sweep and
+//!   `policy explain`: gather (IO), decide (pure), apply (IO, behind identity and breaker).
+//! - [`identity`]: which address of a Graph user flagrelay may write, and identity bindings.
+//! - [`ids`]: typed tenant and user ids, normalized once at the edge.
 //! - [`policy`]: pure decision logic (no IO, no clock): rules, guards, grace, the breaker.
-//! - [`state`]: the worker's small durable memory (grace starts, exemptions it added, trips).
-//! - [`identity`]: pure rules: which address a user is written under, and is it really theirs.
+//! - [`store`]: the state store (SQLite or PostgreSQL): per-user state, due work, delta
+//!   links, the breaker's counts and trips, identity bindings, the decision history.
+//! - [`history`]: the decision history's batched writer and its rendering.
+//! - [`scheduler`]: the leader's queue of work due at a time (rechecks, wake-ups).
 //! - [`graph`], [`proofpoint`]: API traits and their HTTP clients.
 //! - [`sim`]: faithful simulators of both APIs, used by tests, the demo and staging setups.
 //! - [`app`]: wires the parts into the `serve` / `work` / `run` processes.
@@ -41,9 +47,12 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod evaluation;
 pub mod explain;
 pub mod graph;
+pub mod history;
 pub mod identity;
+pub mod ids;
 pub mod message;
 pub mod notification;
 pub mod otlp;
@@ -52,9 +61,10 @@ pub mod proofpoint;
 pub mod queue;
 pub mod receiver;
 pub mod reconciler;
+pub mod scheduler;
 pub mod shutdown;
 pub mod sim;
-pub mod state;
+pub mod store;
 pub mod subscriptions;
 pub mod sweep;
 pub mod telemetry;

@@ -62,8 +62,10 @@ pub enum Origin {
 /// "Something about this user changed; go and look." Deliberately carries no user state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserChanged {
-    pub tenant_id: String,
-    pub user_id: String,
+    /// Lower-cased on decoding, whatever the publisher wrote.
+    pub tenant_id: crate::ids::TenantId,
+    /// The object id (lower-cased); a UPN is resolved and re-queued under the object id.
+    pub user_id: crate::ids::UserId,
     /// Graph `changeType` (`updated` or `deleted`); informational only.
     pub change_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,7 +84,7 @@ pub struct UserChanged {
 /// A Graph lifecycle notification (`reauthorizationRequired` for users).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubscriptionLifecycle {
-    pub tenant_id: String,
+    pub tenant_id: crate::ids::TenantId,
     pub subscription_id: String,
     pub lifecycle_event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,7 +100,8 @@ pub struct UserOutcome {
     /// The Proofpoint address that was looked at, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    /// `applied`, `no_change`, `skipped`, `held` (blast-radius breaker) or `dead_lettered`.
+    /// `applied`, `no_change`, `skipped`, `held` (blast-radius breaker), `identity_conflict`
+    /// (the address is not this object's to write) or `dead_lettered`.
     pub result: String,
     /// The policy's action (`activate`, `deactivate`, `ignore`, `keep_mail_flowing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +129,10 @@ pub struct UserOutcome {
     /// On the exemption list after (in dry-run: what it would be), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_exempt: Option<bool>,
+    /// `identity_conflict` only: the other Graph objects involved (e.g. the one that holds
+    /// the address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflicting_object_ids: Option<Vec<String>>,
 }
 
 /// What an outcome event announces, one routing key each on `{prefix}.events`:
@@ -146,6 +153,9 @@ pub enum Announcement {
     Skipped,
     /// A deactivation the blast-radius breaker holds back.
     Held,
+    /// A write refused: the address is not this Graph object's (another object holds it, it
+    /// lies outside the org's domains, or its binding changed). An operator decides.
+    IdentityConflict,
     /// Given up: the cause is in the dead-letter queue.
     DeadLettered,
 }
@@ -154,13 +164,14 @@ pub enum Announcement {
 pub const DECISION_KEY_PREFIX: &str = "decision";
 
 impl Announcement {
-    pub const ALL: [Announcement; 7] = [
+    pub const ALL: [Announcement; 8] = [
         Announcement::Activated,
         Announcement::Deactivated,
         Announcement::KeptMailFlowing,
         Announcement::NoChange,
         Announcement::Skipped,
         Announcement::Held,
+        Announcement::IdentityConflict,
         Announcement::DeadLettered,
     ];
 
@@ -172,6 +183,7 @@ impl Announcement {
             Announcement::NoChange => "no_change",
             Announcement::Skipped => "skipped",
             Announcement::Held => "held",
+            Announcement::IdentityConflict => "identity_conflict",
             Announcement::DeadLettered => "dead_lettered",
         }
     }
@@ -193,6 +205,7 @@ impl UserOutcome {
             ("applied", _) => Announcement::Activated,
             ("no_change", _) => Announcement::NoChange,
             ("held", _) => Announcement::Held,
+            ("identity_conflict", _) => Announcement::IdentityConflict,
             ("dead_lettered", _) => Announcement::DeadLettered,
             _ => Announcement::Skipped,
         }
@@ -232,7 +245,7 @@ impl Message {
     /// The CloudEvents `subject`: the user object id, or the subscription id for lifecycle events.
     pub fn subject(&self) -> &str {
         match self {
-            Message::UserChanged(m) => &m.user_id,
+            Message::UserChanged(m) => m.user_id.as_str(),
             Message::Lifecycle(m) => &m.subscription_id,
             Message::UserOutcome(m) => &m.user_id,
         }
@@ -240,8 +253,8 @@ impl Message {
 
     pub fn tenant_id(&self) -> &str {
         match self {
-            Message::UserChanged(m) => &m.tenant_id,
-            Message::Lifecycle(m) => &m.tenant_id,
+            Message::UserChanged(m) => m.tenant_id.as_str(),
+            Message::Lifecycle(m) => m.tenant_id.as_str(),
             Message::UserOutcome(m) => &m.tenant_id,
         }
     }
@@ -676,6 +689,7 @@ mod tests {
             rule: None,
             was_exempt: None,
             is_exempt: None,
+            conflicting_object_ids: None,
         }
     }
 

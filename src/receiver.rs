@@ -353,8 +353,8 @@ impl ReceiverState {
                 let parsed = match kind {
                     Kind::Change => notification::parse_change(item).map(|n| {
                         let m = Message::UserChanged(UserChanged {
-                            tenant_id: n.tenant_id,
-                            user_id: n.user_id,
+                            tenant_id: n.tenant_id.into(),
+                            user_id: n.user_id.into(),
                             change_type: n.change_type,
                             subscription_id: n.subscription_id,
                             event_time: n.event_time,
@@ -366,7 +366,7 @@ impl ReceiverState {
                     }),
                     Kind::Lifecycle => notification::parse_lifecycle(item).map(|n| {
                         let m = Message::Lifecycle(SubscriptionLifecycle {
-                            tenant_id: n.tenant_id,
+                            tenant_id: n.tenant_id.into(),
                             subscription_id: n.subscription_id,
                             lifecycle_event: n.lifecycle_event,
                             subscription_expiration: n.subscription_expiration,

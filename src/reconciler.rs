@@ -4,7 +4,7 @@
 //! change reaches Proofpoint within the poll interval plus processing time even when its
 //! notification never comes.
 //!
-//! The `deltaLink` is kept per tenant in the state directory (atomic writes) and saved only
+//! The `deltaLink` is kept per tenant in the state store and saved only
 //! after every change it covers is durably queued: a crash re-polls from the previous link
 //! (duplicates are harmless; the worker coalesces them). The very first sync of a tenant
 //! establishes the baseline without queueing anyone (the drift sweep handles existing
@@ -22,7 +22,7 @@ use crate::config::TenantConfig;
 use crate::graph::{DeltaNext, DeltaPage, GraphApi, GraphError};
 use crate::message::{self, Message, Origin, Signer, UserChanged};
 use crate::queue::{Queue, QueueError};
-use crate::state::{StateError, StateStore};
+use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,7 @@ pub enum ReconcileError {
     #[error("queueing a delta hit: {0}")]
     Queue(#[from] QueueError),
     #[error(transparent)]
-    State(#[from] StateError),
+    Store(#[from] StoreError),
 }
 
 /// What one poll of one tenant did.
@@ -52,7 +52,7 @@ pub struct Reconciler {
     pub graph: Arc<dyn GraphApi>,
     pub queue: Arc<dyn Queue>,
     pub signer: Signer,
-    pub state: StateStore,
+    pub store: Arc<dyn Store>,
     pub tenants: Vec<TenantConfig>,
     /// `$select`: the properties the policy needs (only their changes are reported).
     pub select: Vec<&'static str>,
@@ -99,7 +99,7 @@ impl Reconciler {
     /// One delta round for one tenant: follow `nextLink`s to the `deltaLink`, queue the
     /// changes, then store the new link.
     pub async fn poll(&self, tenant: &TenantConfig) -> Result<PollReport, ReconcileError> {
-        let stored = self.state.delta_link(&tenant.id)?;
+        let stored = self.store.delta_link(&tenant.id).await?;
         let mut report = PollReport {
             baseline: stored.is_none(),
             ..PollReport::default()
@@ -116,7 +116,7 @@ impl Reconciler {
             None => self.graph.users_delta_start(&tenant.id, &self.select).await,
         };
         let mut page = first.map_err(|source| ReconcileError::Graph {
-            tenant: tenant.id.clone(),
+            tenant: tenant.id.to_string(),
             source,
         })?;
         loop {
@@ -130,12 +130,12 @@ impl Reconciler {
                         .users_delta_next(&tenant.id, &next)
                         .await
                         .map_err(|source| ReconcileError::Graph {
-                            tenant: tenant.id.clone(),
+                            tenant: tenant.id.to_string(),
                             source,
                         })?;
                 }
                 DeltaNext::DeltaLink(link) => {
-                    self.state.put_delta_link(&tenant.id, &link)?;
+                    self.store.put_delta_link(&tenant.id, &link, Utc::now()).await?;
                     return Ok(report);
                 }
             }
@@ -155,7 +155,7 @@ impl Reconciler {
                 message::encode(
                     &Message::UserChanged(UserChanged {
                         tenant_id: tenant.id.clone(),
-                        user_id: user_id.to_owned(),
+                        user_id: user_id.into(),
                         change_type: change_type.to_owned(),
                         subscription_id: None,
                         event_time: None,

@@ -18,9 +18,11 @@ use crate::message::{self, Message, Origin, Signer, UserChanged};
 use crate::policy::Policy;
 use crate::proofpoint::{PpError, ProofpointApi};
 use crate::queue::{Queue, QueueError};
-use crate::state::StateStore;
-use crate::worker::converge::Plan;
-use crate::worker::gather::{complete, on_list};
+use crate::evaluation::gather::{complete, on_list};
+use crate::evaluation::{Plan, decide};
+use crate::identity::{OrgDomains, choose_address};
+use crate::ids::UserKey;
+use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -30,6 +32,8 @@ pub enum SweepError {
     Proofpoint(#[from] PpError),
     #[error("queueing a correction: {0}")]
     Queue(#[from] QueueError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// One user whose Proofpoint state differs from the policy's decision.
@@ -64,7 +68,7 @@ pub struct Sweeper<'a> {
     pub queue: &'a dyn Queue,
     pub policy: &'a dyn Policy,
     pub signer: &'a Signer,
-    pub state: &'a StateStore,
+    pub store: &'a dyn Store,
 }
 
 impl Sweeper<'_> {
@@ -76,6 +80,7 @@ impl Sweeper<'_> {
         progress: &mut (dyn FnMut(usize, Option<usize>) + Send),
     ) -> Result<SweepReport, SweepError> {
         let org = self.config.org_access(tenant);
+        let domains = OrgDomains::new(&tenant.org_domain, &tenant.accepted_domains);
         let needs = self.policy.needs();
         let pp_users: HashMap<String, _> = self
             .proofpoint
@@ -98,14 +103,17 @@ impl Sweeper<'_> {
         loop {
             for user in &page.users {
                 report.graph_users += 1;
-                let Some(address) = user.proofpoint_address() else {
+                // The worker refuses what is outside the org's domains; the sweep leaves it out.
+                let Ok(chosen) = choose_address(user, &domains) else {
                     continue;
                 };
+                let address = chosen.address;
                 let Some(pp) = pp_users.get(&address) else {
                     report.not_in_proofpoint += 1;
                     continue;
                 };
-                let state = self.state.user(&tenant.id, &user.id).unwrap_or_default();
+                let key = UserKey::new(tenant.id.clone(), user.id.as_str().into());
+                let state = self.store.user(&key).await?.state;
                 let exempt = exemptions.as_deref().map(|list| on_list(list, &address));
                 let g = complete(
                     self.graph,
@@ -117,8 +125,8 @@ impl Sweeper<'_> {
                     exempt,
                 )
                 .await?;
-                let decision = self.policy.decide(&g.facts(state.disabled_since), now);
-                let plan = Plan::new(&decision, pp.is_active, exempt, state.exemption_added);
+                let eval = decide(self.policy, &g, &state, now);
+                let (decision, plan) = (&eval.decision, eval.plan);
                 if !plan.is_empty() {
                     report.drifts.push(Drift {
                         user_id: user.id.clone(),
@@ -145,7 +153,7 @@ impl Sweeper<'_> {
             for d in &report.drifts {
                 let correction = Message::UserChanged(UserChanged {
                     tenant_id: tenant.id.clone(),
-                    user_id: d.user_id.clone(),
+                    user_id: d.user_id.as_str().into(),
                     change_type: "sweep".into(),
                     subscription_id: None,
                     event_time: None,

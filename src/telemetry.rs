@@ -130,6 +130,9 @@ pub struct Metrics {
     pub outcome_event_failures_total: Counter,
     pub outcomes_held_total: Counter,
     pub breaker_trips_total: Counter,
+    /// History entries the state store could not take (the decisions stand).
+    pub history_write_failures_total: Counter,
+    identity_conflicts: Family<ReasonLabel, Counter>,
     processed: Family<ProcessedLabels, Counter>,
     latency_from_receipt: Family<OriginLabel, Histogram, fn() -> Histogram>,
     latency_from_event_time: Histogram,
@@ -174,6 +177,8 @@ impl Metrics {
             outcome_event_failures_total: Counter::default(),
             outcomes_held_total: Counter::default(),
             breaker_trips_total: Counter::default(),
+            history_write_failures_total: Counter::default(),
+            identity_conflicts: Family::default(),
             processed: Family::default(),
             latency_from_receipt: Family::new_with_constructor(latency_histogram),
             latency_from_event_time: latency_histogram(),
@@ -259,6 +264,11 @@ impl Metrics {
                 "Times the blast-radius breaker tripped (alert on any increase)",
                 &m.breaker_trips_total,
             ),
+            (
+                "history_write_failures",
+                "Decision-history entries the state store could not take (the decisions stand)",
+                &m.history_write_failures_total,
+            ),
         ];
         // (prometheus-client ends every help text with a period itself.)
         for (name, help, counter) in counters {
@@ -274,6 +284,11 @@ impl Metrics {
             "Time from publishing a notification item to the broker's confirm",
             Unit::Seconds,
             m.publish_confirm_seconds.clone(),
+        );
+        r.register(
+            "flagrelay_identity_conflicts",
+            "Writes refused because the address is not the Graph object's, by reason (alert on any increase)",
+            m.identity_conflicts.clone(),
         );
         r.register(
             "flagrelay_messages_processed",
@@ -335,6 +350,25 @@ impl Metrics {
     /// Bump a counter by one.
     pub fn inc(counter: &Counter) {
         counter.inc();
+    }
+
+    /// Bump a counter by `n`.
+    pub fn inc_by(counter: &Counter, n: u64) {
+        counter.inc_by(n);
+    }
+
+    /// A write refused by the identity check.
+    pub fn identity_conflict(&self, reason: &'static str) {
+        self.identity_conflicts
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// How many writes were refused for `reason`.
+    pub fn identity_conflict_count(&self, reason: &'static str) -> u64 {
+        self.identity_conflicts
+            .get_or_create(&ReasonLabel { reason })
+            .get()
     }
 
     /// A counter's value.

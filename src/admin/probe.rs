@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::graph::GraphApi;
 use crate::proofpoint::{OrgAccess, ProofpointApi};
 use crate::queue::Queue;
-use crate::state::StateStore;
+use crate::policy::SharedPolicy;
+use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::telemetry::status::{BreakerView, Check, Readiness};
 
@@ -29,8 +30,11 @@ pub struct Probe {
     pub graph: Option<(Arc<dyn GraphApi>, Vec<String>)>,
     /// Proofpoint and the organizations to check the credentials on; `None`: not checked.
     pub proofpoint: Option<(Arc<dyn ProofpointApi>, Vec<OrgAccess>)>,
-    /// The shared state directory, for the breaker (`None`: not shown).
-    pub state: Option<StateStore>,
+    /// The state store, checked for readiness and read for the breaker (`None`: a role that
+    /// does not use it).
+    pub store: Option<Arc<dyn Store>>,
+    /// The breaker's limits come from the policy in force.
+    pub policy: Arc<SharedPolicy>,
     pub metrics: Arc<Metrics>,
     pub every: Duration,
 }
@@ -58,6 +62,9 @@ impl Probe {
         }
         if let Some((pp, orgs)) = &self.proofpoint {
             checks.push(proofpoint_check(pp.as_ref(), orgs).await);
+        }
+        if let Some(store) = &self.store {
+            checks.push(store_check(store.as_ref()).await);
         }
         let previous = self.metrics.status.readiness();
         for c in &checks {
@@ -95,15 +102,18 @@ impl Probe {
         };
         self.metrics.set_depths(depths);
 
-        if let Some(state) = &self.state {
-            let breaker = match state.active_trip() {
-                Ok(trip) => Some(BreakerView {
-                    tripped: trip.map(|t| (t.at, t.reason)),
+        if let Some(store) = &self.store {
+            let config = self.policy.current().breaker();
+            let report = tokio::time::timeout(CHECK_TIMEOUT, store.breaker_report(&config, Utc::now()));
+            let breaker = match report.await {
+                Ok(Ok(report)) => Some(BreakerView {
+                    tripped: report.trips().next().map(|t| (t.at, t.reason.clone())),
                 }),
-                Err(error) => {
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "could not read the breaker state");
                     None
                 }
+                Err(_) => None,
             };
             self.metrics.set_breaker(breaker);
         }
@@ -123,6 +133,16 @@ impl Probe {
             },
         }
     }
+}
+
+/// The state store answers (without it nothing is deactivated and most work is retried).
+async fn store_check(store: &dyn Store) -> Check {
+    let failures = match tokio::time::timeout(CHECK_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => Vec::new(),
+        Ok(Err(e)) => vec![e.to_string()],
+        Err(_) => vec![format!("no answer in {CHECK_TIMEOUT:?}")],
+    };
+    verdict("store", failures)
 }
 
 /// A token for every tenant: the cached one, or a fresh one from the authority.

@@ -59,8 +59,8 @@ pub fn sample_message(config: &Config) -> Encoded {
         tenant_id: config
             .tenants
             .first()
-            .map_or_else(|| uuid::Uuid::nil().to_string(), |t| t.id.clone()),
-        user_id: uuid::Uuid::new_v4().to_string(),
+            .map_or_else(|| uuid::Uuid::nil().to_string().into(), |t| t.id.clone()),
+        user_id: uuid::Uuid::new_v4().to_string().into(),
         change_type: "updated".into(),
         subscription_id: Some(uuid::Uuid::new_v4().to_string()),
         event_time: Some(chrono::Utc::now()),

@@ -1,22 +1,21 @@
-//! Converging one user: gather the facts the policy needs, decide, and bring Proofpoint (its
-//! `is_active` and the sync-exemption list) to the decision, writing only what differs.
-//!
-//! Order of writes for `keep_mail_flowing` follows the manual fix admins apply today:
-//! activate first, then exempt from sync. Exemptions are removed only when flagrelay added
-//! them itself (recorded in the state store). Deactivations pass the blast-radius breaker.
+//! Converging one user: coalesce, read the stored state, then the three steps of
+//! [`crate::evaluation`] (gather, decide, apply), and turn how they ended into an [`Outcome`].
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::Worker;
-use super::gather::{GatherError, gather};
 use super::outcome::{Detail, Outcome};
+use super::{Org, Worker};
+use crate::evaluation::apply::{Applied, ApplyError, Effects, apply};
+use crate::evaluation::gather::{GatherError, gather};
+use crate::evaluation::{Evaluation, decide};
 use crate::graph::GraphError;
+use crate::identity::IdentityConflict;
+use crate::ids::UserKey;
 use crate::message::{self, Message, Origin, UserChanged};
-use crate::policy::Verdict;
 use crate::proofpoint::{OrgAccess, PpError};
-use crate::state::UserState;
+use crate::store::{ConflictRecord, StoreError};
 
 /// Clock difference tolerated between the receiver's and the worker's hosts when coalescing.
 const CLOCK_MARGIN: chrono::Duration = chrono::Duration::seconds(2);
@@ -48,22 +47,21 @@ const ORG_SIZE_TTL: Duration = Duration::from_secs(600);
 
 impl Worker {
     pub(super) async fn converge_user(&self, m: &UserChanged, taken: Instant) -> Outcome {
-        let Some(org) = self.orgs.get(&m.tenant_id.to_ascii_lowercase()) else {
+        let Some(org) = self.orgs.get(&m.tenant_id) else {
             return Outcome::Permanent {
                 reason: "unknown_tenant",
                 error: format!("tenant {} is not configured", m.tenant_id),
             };
         };
+        if !m.user_id.is_object_id() {
+            return self.requeue_by_object_id(m).await;
+        }
         let now = Utc::now();
         let started = Evaluated {
             wall: now,
             local: Instant::now(),
         };
-        let key = format!(
-            "{}/{}",
-            m.tenant_id.to_ascii_lowercase(),
-            m.user_id.to_ascii_lowercase()
-        );
+        let key = UserKey::new(m.tenant_id.clone(), m.user_id.clone());
         if m.origin != Origin::Recheck && self.evaluated_since(&key, m.received_at, taken) {
             return skipped(
                 "coalesced",
@@ -71,7 +69,7 @@ impl Worker {
                 Detail::default(),
             );
         }
-        let outcome = self.evaluate(m, org, now).await;
+        let outcome = self.evaluate(m, &key, org, now).await;
         if matches!(
             outcome,
             Outcome::Applied { .. } | Outcome::NoChange { .. } | Outcome::Skipped { .. }
@@ -81,9 +79,45 @@ impl Worker {
         outcome
     }
 
+    /// A message naming the user by UPN: find the object id and queue the message again under
+    /// it, so that the shard, the lock and the state row are the object id's alone.
+    async fn requeue_by_object_id(&self, m: &UserChanged) -> Outcome {
+        let found = self
+            .deps
+            .graph
+            .get_user(m.tenant_id.as_str(), m.user_id.as_str(), &["id"])
+            .await;
+        match found {
+            Ok(Some(user)) => {
+                let again = Message::UserChanged(UserChanged {
+                    user_id: user.id.as_str().into(),
+                    ..m.clone()
+                });
+                match self
+                    .deps
+                    .queue
+                    .publish(&message::encode(&again, &self.signer))
+                    .await
+                {
+                    Ok(()) => skipped(
+                        "requeued_by_object_id",
+                        &format!("{} is object {}; queued under the object id", m.user_id, user.id),
+                        Detail::default(),
+                    ),
+                    Err(e) => Outcome::Transient {
+                        error: format!("queueing under the object id: {e}"),
+                        retry_after: None,
+                    },
+                }
+            }
+            Ok(None) => gather_failure(GatherError::Deleted),
+            Err(e) => graph_failure(e),
+        }
+    }
+
     /// Whether an evaluation of the user started after the message arrived: see
     /// [`Evaluated`].
-    fn evaluated_since(&self, key: &str, received_at: DateTime<Utc>, taken: Instant) -> bool {
+    fn evaluated_since(&self, key: &UserKey, received_at: DateTime<Utc>, taken: Instant) -> bool {
         let map = self
             .evaluated
             .lock()
@@ -92,7 +126,7 @@ impl Worker {
             .is_some_and(|started| started.covers(received_at, taken))
     }
 
-    fn mark_evaluated(&self, key: String, started: Evaluated) {
+    fn mark_evaluated(&self, key: UserKey, started: Evaluated) {
         let mut map = self
             .evaluated
             .lock()
@@ -104,19 +138,20 @@ impl Worker {
         map.insert(key, started);
     }
 
-    async fn evaluate(&self, m: &UserChanged, org: &OrgAccess, now: DateTime<Utc>) -> Outcome {
-        let mut state = match self.deps.state.user(&m.tenant_id, &m.user_id) {
-            Ok(s) => s,
-            Err(e) => {
-                return Outcome::Transient {
-                    error: e.to_string(),
-                    retry_after: None,
-                };
-            }
+    async fn evaluate(
+        &self,
+        m: &UserChanged,
+        key: &UserKey,
+        org: &Org,
+        now: DateTime<Utc>,
+    ) -> Outcome {
+        let store = self.deps.store.as_ref();
+        let record = match store.user(key).await {
+            Ok(r) => r,
+            Err(e) => return store_failure(e),
         };
-        let before = state.clone();
         if m.origin == Origin::Recheck {
-            if state.recheck_at != m.not_before {
+            if record.state.recheck_at != m.not_before {
                 return skipped(
                     "stale_recheck",
                     "a newer evaluation replaced this recheck",
@@ -129,217 +164,121 @@ impl Worker {
                 };
             }
         }
-
         let policy = self.deps.policy.current();
         let needs = policy.needs();
         let g = match gather(
             self.deps.graph.as_ref(),
             self.deps.proofpoint.as_ref(),
-            org,
-            &m.tenant_id,
-            &m.user_id,
+            &org.access,
+            &org.domains,
+            key,
             &needs,
-            state.exemption_added,
+            record.state.exemption_added,
         )
         .await
         {
             Ok(g) => g,
+            Err(GatherError::Identity(c)) if c.reason() != "no_address" => {
+                return self.refuse(key, None, c, Detail::default(), now).await;
+            }
             Err(e) => return gather_failure(e),
         };
-        let mut detail = Detail {
-            address: Some(g.address.clone()),
-            ..Detail::default()
-        };
-        let (address, pp_user, exempt) = (&g.address, &g.proofpoint, g.exempt);
-
-        // The start of a grace period that is measured from the moment sign-in was blocked.
-        match g.user.account_enabled {
-            Some(false) => {
-                state.disabled_since.get_or_insert(now);
-            }
-            Some(true) => state.disabled_since = None,
-            None => {}
-        }
-        let facts = g.facts(state.disabled_since);
-        let decision = policy.decide(&facts, now);
-        detail.action = Some(decision.action.as_str().to_owned());
-        detail.reason = format!("{}: {}", decision.rule, decision.reason);
-        detail.rule = Some(decision.rule.clone());
-        detail.was_active = Some(pp_user.is_active);
-        detail.is_active = Some(pp_user.is_active);
-        detail.was_exempt = exempt;
-        detail.is_exempt = exempt;
-
-        // Time alone can change some decisions (a grace period ending, a leave date passing):
-        // schedule a durable recheck, once per due time.
-        let recheck = decision.recheck_at.filter(|t| *t > now);
-        if let Some(due) = recheck
-            && recheck != state.recheck_at
-            && let Err(e) = self.schedule_recheck(m, due).await
+        let eval = decide(policy.as_ref(), &g, &record.state, now);
+        if record.held.is_some()
+            && !eval.plan.deactivates()
+            && let Err(e) = store.forget_held(key).await
         {
-            return Outcome::Transient {
-                error: format!("scheduling a recheck: {e}"),
-                retry_after: None,
-            };
+            return store_failure(e);
         }
-        state.recheck_at = recheck;
-
-        let plan = Plan::new(&decision, pp_user.is_active, exempt, state.exemption_added);
-        let mut changed = false;
-        if let Some(desired) = plan.set_active {
-            if !desired && let Some(held) = self.breaker_allows(org, now).await {
-                let _ = self.save(m, &before, &state).await;
-                return Outcome::Held {
-                    reason: held,
-                    delay: self.settings.breaker_recheck,
-                    detail,
-                };
-            }
-            if !self.settings.dry_run {
-                // Read-modify-write of the whole object: unknown fields go back as read.
-                let mut updated = pp_user.clone();
-                updated.is_active = desired;
-                if let Err(e) = self.deps.proofpoint.put_user(org, &updated).await {
-                    return pp_failure(e);
-                }
-            }
-            detail.is_active = Some(desired);
-            changed = true;
-        }
-        if plan.add_exemption {
-            if !self.settings.dry_run {
-                if let Err(e) = self.deps.proofpoint.add_exemption(org, address).await {
-                    return pp_failure(e);
-                }
-                state.exemption_added = true;
-            }
-            detail.is_exempt = Some(true);
-            detail.reason.push_str("; added to the sync-exemption list");
-            changed = true;
-        } else if plan.remove_exemption {
-            if !self.settings.dry_run {
-                if let Err(e) = self.deps.proofpoint.remove_exemption(org, address).await {
-                    return pp_failure(e);
-                }
-                state.exemption_added = false;
-            }
-            detail.is_exempt = Some(false);
-            detail
-                .reason
-                .push_str("; removed the sync exemption flagrelay had added");
-            changed = true;
-        } else if plan.forget_exemption {
-            // Someone removed it by hand: it is no longer ours to track.
-            state.exemption_added = false;
-        }
-        if let Err(e) = self.save(m, &before, &state).await {
-            return Outcome::Transient {
-                error: e.to_string(),
-                retry_after: None,
-            };
-        }
-        if changed {
-            Outcome::Applied { detail }
-        } else if decision.action.desired_active().is_none() {
-            Outcome::Skipped {
-                reason: decision.rule,
-                detail,
-            }
+        let mut detail = detail_of(&eval, &g.address, g.proofpoint.is_active, g.exempt);
+        let total = if eval.plan.deactivates() {
+            self.org_size(&org.access).await
         } else {
-            Outcome::NoChange { detail }
-        }
-    }
-
-    /// Store the user's state if it changed. The write ends with an fsync, which can take
-    /// milliseconds: it runs on the blocking pool, never on the async workers (where it
-    /// stalled every other evaluation; BENCHMARKS.md, "End to end").
-    async fn save(
-        &self,
-        m: &UserChanged,
-        before: &UserState,
-        state: &UserState,
-    ) -> Result<(), crate::state::StateError> {
-        if state == before {
-            return Ok(());
-        }
-        let (store, tenant, user, state) = (
-            self.deps.state.clone(),
-            m.tenant_id.clone(),
-            m.user_id.clone(),
-            state.clone(),
-        );
-        let dir = store.dir().to_owned();
-        match tokio::task::spawn_blocking(move || store.put_user(&tenant, &user, &state)).await {
-            Ok(written) => written,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Only when the runtime shuts down: the message is not acked and comes back.
-            Err(e) => Err(crate::state::StateError::Io {
-                path: dir,
-                source: std::io::Error::other(e),
-            }),
-        }
-    }
-
-    /// Publish a recheck for `due`; it waits in the delay queues until then.
-    async fn schedule_recheck(
-        &self,
-        m: &UserChanged,
-        due: DateTime<Utc>,
-    ) -> Result<(), crate::queue::QueueError> {
-        let recheck = Message::UserChanged(UserChanged {
-            change_type: "recheck".into(),
-            subscription_id: None,
-            event_time: None,
-            received_at: Utc::now(),
-            origin: Origin::Recheck,
-            not_before: Some(due),
-            ..m.clone()
-        });
-        tracing::info!(%due, "recheck scheduled");
-        self.deps
-            .queue
-            .publish(&message::encode(&recheck, &self.signer))
-            .await
-    }
-
-    /// `None` when the breaker lets this deactivation through, else why it is held.
-    async fn breaker_allows(&self, org: &OrgAccess, now: DateTime<Utc>) -> Option<String> {
-        let total = self.org_size(org).await;
-        let mut breaker = self.breaker.lock().await;
-        if breaker.is_tripped() && matches!(self.deps.state.active_trip(), Ok(None)) {
-            breaker.release();
-            self.deps
-                .metrics
-                .set_breaker(Some(crate::telemetry::status::BreakerView {
-                    tripped: None,
-                }));
-            tracing::warn!("breaker released by an operator; deactivations resume");
-        }
-        match breaker.attempt(now, total) {
-            Verdict::Allow => None,
-            Verdict::Tripped(trip) => {
-                let newly = trip.at == now;
-                if newly {
-                    crate::telemetry::Metrics::inc(&self.deps.metrics.breaker_trips_total);
-                    self.deps
-                        .metrics
-                        .set_breaker(Some(crate::telemetry::status::BreakerView {
-                            tripped: Some((trip.at, trip.reason.clone())),
-                        }));
-                    tracing::error!(
-                        reason = %trip.reason,
-                        "ALERT: blast-radius breaker tripped; deactivations are held until an operator runs `flagrelay breaker release`"
-                    );
-                    let file = crate::state::BreakerFile {
-                        tripped: Some(trip.clone()),
-                        released_at: None,
-                    };
-                    if let Err(e) = self.deps.state.put_breaker(&file) {
-                        tracing::error!(error = %e, "could not persist the breaker trip");
-                    }
-                }
-                Some(trip.reason)
+            0
+        };
+        let fx = Effects {
+            graph: self.deps.graph.as_ref(),
+            proofpoint: self.deps.proofpoint.as_ref(),
+            store,
+            org: &org.access,
+            breaker: &policy.breaker(),
+            dry_run: self.settings.dry_run,
+        };
+        match apply(&fx, key, &g, &eval, total, now).await {
+            Ok(Applied::Written { writes }) => {
+                detail.writes = writes;
+                written(&eval, detail)
             }
+            Ok(Applied::Held { trip, newly }) => {
+                unchanged(&mut detail);
+                if newly {
+                    self.tripped(&trip);
+                }
+                Outcome::Held {
+                    reason: trip.reason,
+                    detail,
+                }
+            }
+            Ok(Applied::Refused { conflict }) => {
+                unchanged(&mut detail);
+                self.refuse(key, Some(&g.address), conflict, detail, now)
+                    .await
+            }
+            Err(e) => apply_failure(e),
+        }
+    }
+
+    /// Raise the alert for a trip this process caused (every process sees it in the store).
+    fn tripped(&self, trip: &crate::policy::breaker::Trip) {
+        crate::telemetry::Metrics::inc(&self.deps.metrics.breaker_trips_total);
+        self.deps
+            .metrics
+            .set_breaker(Some(crate::telemetry::status::BreakerView {
+                tripped: Some((trip.at, trip.reason.clone())),
+            }));
+        tracing::error!(
+            scope = %trip.scope,
+            reason = %trip.reason,
+            "ALERT: blast-radius breaker tripped; deactivations are held until an operator runs `flagrelay breaker release`"
+        );
+    }
+
+    /// Record an identity conflict for the operator, raise the alert, and settle.
+    async fn refuse(
+        &self,
+        key: &UserKey,
+        address: Option<&str>,
+        conflict: IdentityConflict,
+        detail: Detail,
+        now: DateTime<Utc>,
+    ) -> Outcome {
+        let record = ConflictRecord {
+            tenant_id: key.tenant.clone(),
+            object_id: key.user.clone(),
+            address: address.map(str::to_owned).unwrap_or_default(),
+            reason: conflict.reason().to_owned(),
+            others: conflict.other_object_ids(),
+            detail: conflict.to_string(),
+            seen_at: now,
+        };
+        if !self.settings.dry_run
+            && let Err(e) = self.deps.store.record_conflict(&record).await
+        {
+            return store_failure(e);
+        }
+        self.deps.metrics.identity_conflict(conflict.reason());
+        tracing::error!(
+            object_id = %key.user,
+            others = ?record.others,
+            reason = conflict.reason(),
+            error = %conflict,
+            "ALERT: identity conflict; nothing written to Proofpoint. Check the objects and run `flagrelay identity accept` if the change is legitimate"
+        );
+        Outcome::IdentityConflict {
+            reason: conflict.reason(),
+            error: conflict.to_string(),
+            others: record.others,
+            detail,
         }
     }
 
@@ -365,40 +304,51 @@ impl Worker {
     }
 }
 
-/// The writes a decision calls for, given Proofpoint's current state. Pure; shared by the
-/// worker and `policy explain` so that what is explained is what is done.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// PUT the user with this `is_active`.
-    pub set_active: Option<bool>,
-    /// Add the user to the sync-exemption list (and remember flagrelay did).
-    pub add_exemption: bool,
-    /// Remove an exemption flagrelay added earlier.
-    pub remove_exemption: bool,
-    /// An exemption flagrelay added is gone already (removed by hand): stop tracking it.
-    pub forget_exemption: bool,
+/// What the outcome event and the history tell about an evaluation.
+fn detail_of(eval: &Evaluation, address: &str, active: bool, exempt: Option<bool>) -> Detail {
+    Detail {
+        address: Some(address.to_owned()),
+        action: Some(eval.decision.action.as_str().to_owned()),
+        reason: format!("{}: {}", eval.decision.rule, eval.decision.reason),
+        rule: Some(eval.decision.rule.clone()),
+        was_active: Some(active),
+        is_active: Some(eval.plan.set_active.unwrap_or(active)),
+        was_exempt: exempt,
+        is_exempt: if eval.plan.add_exemption {
+            Some(true)
+        } else if eval.plan.remove_exemption {
+            Some(false)
+        } else {
+            exempt
+        },
+        writes: Vec::new(),
+    }
 }
 
-impl Plan {
-    /// `exempt`: whether the user is on the list now (`None`: not read).
-    pub fn new(
-        decision: &crate::policy::Decision,
-        is_active: bool,
-        exempt: Option<bool>,
-        added_by_us: bool,
-    ) -> Self {
-        Plan {
-            set_active: decision.action.desired_active().filter(|d| *d != is_active),
-            add_exemption: decision.exempt == Some(true) && exempt == Some(false),
-            remove_exemption: decision.exempt == Some(false) && exempt == Some(true) && added_by_us,
-            forget_exemption: decision.exempt == Some(false)
-                && exempt == Some(false)
-                && added_by_us,
-        }
-    }
+/// Nothing was written after all: Proofpoint stays as read.
+fn unchanged(detail: &mut Detail) {
+    detail.is_active = detail.was_active;
+    detail.is_exempt = detail.was_exempt;
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.set_active.is_none() && !self.add_exemption && !self.remove_exemption
+/// The outcome of a plan carried out.
+fn written(eval: &Evaluation, mut detail: Detail) -> Outcome {
+    if !eval.plan.is_empty() {
+        if eval.plan.add_exemption {
+            detail.reason.push_str("; added to the sync-exemption list");
+        } else if eval.plan.remove_exemption {
+            detail
+                .reason
+                .push_str("; removed the sync exemption flagrelay had added");
+        }
+        Outcome::Applied { detail }
+    } else if eval.decision.action.desired_active().is_none() {
+        Outcome::Skipped {
+            reason: eval.decision.rule.clone(),
+            detail,
+        }
+    } else {
+        Outcome::NoChange { detail }
     }
 }
 
@@ -409,7 +359,6 @@ fn gather_failure(e: GatherError) -> Outcome {
             "Graph answers 404: the user is deleted; Proofpoint is left alone",
             Detail::default(),
         ),
-        GatherError::NoAddress => skipped("no_address", &e.to_string(), Detail::default()),
         GatherError::UnknownToProofpoint(address) => skipped(
             "unknown_to_proofpoint",
             "Proofpoint has no user with this address",
@@ -418,6 +367,8 @@ fn gather_failure(e: GatherError) -> Outcome {
                 ..Detail::default()
             },
         ),
+        // Handled by the caller (an alert and a record for the operator).
+        GatherError::Identity(c) => skipped(c.reason(), &c.to_string(), Detail::default()),
         GatherError::Graph(e) => graph_failure(e),
         GatherError::Proofpoint(e) => pp_failure(e),
     }
@@ -428,6 +379,26 @@ pub(super) fn skipped(reason: &str, why: &str, mut detail: Detail) -> Outcome {
     Outcome::Skipped {
         reason: reason.to_owned(),
         detail,
+    }
+}
+
+/// The state is unknown: never act on a guess (a deactivation needs the breaker's answer).
+fn store_failure(e: StoreError) -> Outcome {
+    Outcome::Transient {
+        error: e.to_string(),
+        retry_after: None,
+    }
+}
+
+fn apply_failure(e: ApplyError) -> Outcome {
+    match e {
+        ApplyError::Proofpoint(e) => pp_failure(e),
+        ApplyError::Graph(e) => graph_failure(e),
+        ApplyError::Store(e) => store_failure(e),
+        ApplyError::Unconfirmed(c) => Outcome::Transient {
+            error: c.to_string(),
+            retry_after: None,
+        },
     }
 }
 

@@ -8,14 +8,13 @@
 //! give that across processes, a per-key lock within one.
 
 pub mod converge;
-pub mod gather;
 pub mod outcome;
+mod report;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use rand::Rng;
 use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore};
 use tokio::task::JoinSet;
@@ -23,15 +22,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, field};
 
 use crate::graph::GraphApi;
+use crate::identity::OrgDomains;
+use crate::ids::{TenantId, UserKey};
 use crate::message::{
-    self, DecodeError, Decoded, Message, Signer, TraceContext, UserChanged, UserOutcome, Verifier,
+    self, DecodeError, Decoded, Message, Signer, TraceContext, Verifier,
 };
-use crate::policy::{Breaker, SharedPolicy};
+use crate::policy::SharedPolicy;
 use crate::proofpoint::{OrgAccess, ProofpointApi};
 use crate::queue::{Delivered, Delivery, Queue, QueueError, Settlement};
-use crate::state::StateStore;
+use crate::store::Store;
 use crate::telemetry::Metrics;
-use crate::telemetry::status::Decision;
 use outcome::{Detail, Outcome, RetryPolicy};
 
 /// The parts a worker talks to.
@@ -42,7 +42,17 @@ pub struct WorkerDeps {
     pub proofpoint: Arc<dyn ProofpointApi>,
     pub policy: Arc<SharedPolicy>,
     pub metrics: Arc<Metrics>,
-    pub state: StateStore,
+    pub store: Arc<dyn Store>,
+    /// Where each evaluation's result goes (batched into the store).
+    pub history: crate::history::HistorySink,
+}
+
+/// A tenant's Proofpoint organization: how to reach it, and the mail domains flagrelay may
+/// write for it.
+#[derive(Debug, Clone)]
+pub struct Org {
+    pub access: OrgAccess,
+    pub domains: OrgDomains,
 }
 
 #[derive(Debug, Clone)]
@@ -52,8 +62,6 @@ pub struct WorkerSettings {
     pub retry: RetryPolicy,
     /// Decide and publish outcome events, but never write to Proofpoint.
     pub dry_run: bool,
-    /// How often a deactivation held by the tripped breaker is looked at again.
-    pub breaker_recheck: Duration,
     /// After shutdown is requested, how long in-flight messages may take to finish.
     pub shutdown_deadline: Duration,
 }
@@ -65,16 +73,14 @@ pub struct Worker {
     settings: WorkerSettings,
     verifier: Verifier,
     signer: Signer,
-    /// Entra tenant id (lower-case) → its Proofpoint organization.
-    orgs: HashMap<String, OrgAccess>,
+    /// Entra tenant → its Proofpoint organization.
+    orgs: HashMap<TenantId, Org>,
     locks: KeyedLocks,
-    /// Counts this process's deactivations; its trip is persisted in the state store.
-    breaker: Mutex<Breaker>,
     /// Shard key → start of the last completed evaluation, by the wall clock and by this
     /// process's clock: a message that arrived before it is already reflected in
     /// Proofpoint (coalescing duplicates, late notifications and delta hits for the same
     /// change). See [`converge`].
-    evaluated: StdMutex<HashMap<String, converge::Evaluated>>,
+    evaluated: StdMutex<HashMap<UserKey, converge::Evaluated>>,
     /// Org domain → (when counted, users): the breaker's share denominator.
     org_sizes: Mutex<HashMap<String, (std::time::Instant, usize)>>,
 }
@@ -85,32 +91,16 @@ impl Worker {
         settings: WorkerSettings,
         verifier: Verifier,
         signer: Signer,
-        orgs: impl IntoIterator<Item = (String, OrgAccess)>,
+        orgs: impl IntoIterator<Item = (TenantId, Org)>,
     ) -> Arc<Self> {
-        let mut breaker = Breaker::new(deps.policy.current().breaker());
-        match deps.state.active_trip() {
-            Ok(trip) => {
-                if let Some(trip) = trip {
-                    tracing::error!(reason = %trip.reason, "the blast-radius breaker is still tripped from before; deactivations stay held until released");
-                    breaker.restore(trip);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not read the breaker state; starting untripped")
-            }
-        }
         Arc::new(Self {
-            breaker: Mutex::new(breaker),
             org_sizes: Mutex::new(HashMap::new()),
             evaluated: StdMutex::new(HashMap::new()),
             deps,
             settings,
             verifier,
             signer,
-            orgs: orgs
-                .into_iter()
-                .map(|(t, o)| (t.to_ascii_lowercase(), o))
-                .collect(),
+            orgs: orgs.into_iter().collect(),
             locks: KeyedLocks::default(),
         })
     }
@@ -265,6 +255,15 @@ impl Worker {
                 tracing::info!(address = ?detail.address, reason = %detail.reason, "no change needed");
                 "no_change"
             }
+            (Settlement::Ack, Outcome::Held { reason, detail }) => {
+                Metrics::inc(&metrics.outcomes_held_total);
+                tracing::warn!(address = ?detail.address, %reason, "deactivation held by the breaker until released");
+                "held"
+            }
+            (Settlement::Ack, Outcome::IdentityConflict { reason, .. }) => {
+                tracing::warn!(%reason, "identity conflict; nothing written");
+                "identity_conflict"
+            }
             (Settlement::Ack, _) => {
                 Metrics::inc(&metrics.outcomes_skipped_total);
                 tracing::info!(outcome = ?outcome, "skipped");
@@ -273,11 +272,6 @@ impl Worker {
             (Settlement::Retry { delay, .. }, Outcome::Waiting { .. }) => {
                 tracing::debug!(?delay, "recheck not due yet; parked again");
                 "parked"
-            }
-            (Settlement::Retry { delay, .. }, Outcome::Held { reason, detail, .. }) => {
-                Metrics::inc(&metrics.outcomes_held_total);
-                tracing::warn!(?delay, address = ?detail.address, %reason, "deactivation held by the breaker");
-                "held"
             }
             (
                 Settlement::Retry {
@@ -306,12 +300,11 @@ impl Worker {
         };
         metrics.processed(
             counted,
-            detail_of(&outcome).and_then(|d| d.action.as_deref()),
+            report::detail_of(&outcome).and_then(|d| d.action.as_deref()),
         );
-        let announce = !matches!(settlement, Settlement::Retry { .. })
-            || matches!(outcome, Outcome::Held { .. });
+        let announce = !matches!(settlement, Settlement::Retry { .. });
         if announce && let Some(Message::UserChanged(m)) = decoded.map(|d| &d.message) {
-            self.record_decision(m, &outcome);
+            self.record_decision(m, &outcome, trace);
             let cause_id = decoded.map(|d| d.id.as_str()).unwrap_or("");
             self.publish_outcome(m, cause_id, &outcome, trace).await;
         }
@@ -359,113 +352,6 @@ impl Worker {
                 error: e.to_string(),
             },
         }
-    }
-
-    /// For operators: the status page's recent decisions and, when Proofpoint was written,
-    /// the end-to-end latency histograms.
-    fn record_decision(&self, cause: &UserChanged, outcome: &Outcome) {
-        let now = Utc::now();
-        // A recheck's clock starts when it falls due, not when it was scheduled.
-        let started = cause
-            .not_before
-            .map_or(cause.received_at, |due| due.max(cause.received_at));
-        if matches!(outcome, Outcome::Applied { .. }) && !self.settings.dry_run {
-            // The origin by its wire name (`notification`, `delta`, ...).
-            let origin = serde_json::to_value(cause.origin)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            self.deps
-                .metrics
-                .write_landed(&origin, started, cause.event_time, now);
-        }
-        let detail = detail_of(outcome);
-        let rule = match outcome {
-            Outcome::Skipped { reason, detail } if !detail.reason.is_empty() => {
-                format!("{reason}: {}", detail.reason)
-            }
-            Outcome::Skipped { reason, .. } => reason.clone(),
-            Outcome::Held { reason, .. } => format!("held by the breaker: {reason}"),
-            Outcome::Transient { error, .. } => error.clone(),
-            Outcome::Permanent { reason, .. } => (*reason).to_owned(),
-            _ => detail.map(|d| d.reason.clone()).unwrap_or_default(),
-        };
-        self.deps.metrics.status.push_decision(Decision {
-            at: now,
-            tenant_id: cause.tenant_id.clone(),
-            user: detail
-                .and_then(|d| d.address.clone())
-                .unwrap_or_else(|| cause.user_id.clone()),
-            result: outcome.result().to_owned(),
-            action: detail.and_then(|d| d.action.clone()),
-            rule,
-            latency: (now - started).to_std().ok(),
-            dry_run: self.settings.dry_run,
-        });
-    }
-
-    async fn publish_outcome(
-        &self,
-        cause: &UserChanged,
-        cause_id: &str,
-        outcome: &Outcome,
-        trace: &TraceContext,
-    ) {
-        let (detail, reason) = match outcome {
-            Outcome::Applied { detail } | Outcome::NoChange { detail } => {
-                (detail.clone(), detail.reason.clone())
-            }
-            Outcome::Skipped { reason, detail } => (detail.clone(), reason.clone()),
-            Outcome::Held { reason, detail, .. } => {
-                (detail.clone(), format!("held by the breaker: {reason}"))
-            }
-            Outcome::Waiting { .. } => {
-                (Detail::default(), "waiting for a scheduled recheck".into())
-            }
-            Outcome::Transient { error, .. } => (Detail::default(), error.clone()),
-            Outcome::Permanent { reason, error } => {
-                (Detail::default(), format!("{reason}: {error}"))
-            }
-        };
-        let latency = (Utc::now() - cause.received_at).num_milliseconds();
-        let event = Message::UserOutcome(UserOutcome {
-            tenant_id: cause.tenant_id.clone(),
-            user_id: cause.user_id.clone(),
-            address: detail.address,
-            result: outcome.result().to_owned(),
-            action: detail.action,
-            reason,
-            was_active: detail.was_active,
-            is_active: detail.is_active,
-            dry_run: self.settings.dry_run,
-            cause_id: cause_id.to_owned(),
-            latency_ms: u64::try_from(latency).ok(),
-            rule: detail.rule,
-            was_exempt: detail.was_exempt,
-            is_exempt: detail.is_exempt,
-        });
-        // Outcome events inform other systems; Proofpoint's state is the truth. A failed
-        // publish is counted and logged, and does not undo or repeat the work.
-        if let Err(error) = self
-            .deps
-            .queue
-            .publish_event(&message::encode_traced(&event, &self.signer, trace))
-            .await
-        {
-            Metrics::inc(&self.deps.metrics.outcome_event_failures_total);
-            tracing::warn!(%error, "could not publish the outcome event");
-        }
-    }
-}
-
-/// What is known about the evaluation, when it got far enough to know anything.
-fn detail_of(outcome: &Outcome) -> Option<&Detail> {
-    match outcome {
-        Outcome::Applied { detail }
-        | Outcome::NoChange { detail }
-        | Outcome::Skipped { detail, .. }
-        | Outcome::Held { detail, .. } => Some(detail),
-        Outcome::Waiting { .. } | Outcome::Transient { .. } | Outcome::Permanent { .. } => None,
     }
 }
 

@@ -17,11 +17,17 @@ pub enum Outcome {
     Skipped { reason: String, detail: Detail },
     /// A scheduled recheck that is not due yet: parked again, silently, attempts untouched.
     Waiting { delay: Duration },
-    /// A deactivation the blast-radius breaker holds back: kept queued (parked again,
-    /// attempts untouched) until an operator releases the breaker.
-    Held {
-        reason: String,
-        delay: Duration,
+    /// A deactivation the blast-radius breaker holds back. Settled: the state store records
+    /// the user as held, and an operator's release wakes it again.
+    Held { reason: String, detail: Detail },
+    /// The address is not this Graph object's to write (another object holds it, it lies
+    /// outside the org's domains, or its binding changed): nothing written, an operator
+    /// decides (`flagrelay identity`). Settled: `identity accept` wakes the user again.
+    IdentityConflict {
+        reason: &'static str,
+        error: String,
+        /// The other Graph objects involved.
+        others: Vec<String>,
         detail: Detail,
     },
     /// Might work later: timeouts, 5xx, throttling (with the server's `Retry-After`).
@@ -46,6 +52,8 @@ pub struct Detail {
     /// On the sync-exemption list before / after (`None`: not read).
     pub was_exempt: Option<bool>,
     pub is_exempt: Option<bool>,
+    /// The writes made to Proofpoint, one line each.
+    pub writes: Vec<String>,
 }
 
 impl Outcome {
@@ -56,6 +64,7 @@ impl Outcome {
             Outcome::NoChange { .. } => "no_change",
             Outcome::Skipped { .. } | Outcome::Waiting { .. } => "skipped",
             Outcome::Held { .. } => "held",
+            Outcome::IdentityConflict { .. } => "identity_conflict",
             // A transient outcome only reaches an event when its attempts are exhausted.
             Outcome::Transient { .. } | Outcome::Permanent { .. } => "dead_lettered",
         }
@@ -92,19 +101,16 @@ pub fn settle(
 ) -> Settlement {
     let attempt = previous_attempts.saturating_add(1);
     match outcome {
-        Outcome::Applied { .. } | Outcome::NoChange { .. } | Outcome::Skipped { .. } => {
-            Settlement::Ack
-        }
+        Outcome::Applied { .. }
+        | Outcome::NoChange { .. }
+        | Outcome::Skipped { .. }
+        | Outcome::Held { .. }
+        | Outcome::IdentityConflict { .. } => Settlement::Ack,
         // Parking is not an attempt: the count stays as it was.
         Outcome::Waiting { delay } => Settlement::Retry {
             delay: *delay,
             attempt: previous_attempts,
             last_error: "waiting for a scheduled recheck".into(),
-        },
-        Outcome::Held { reason, delay, .. } => Settlement::Retry {
-            delay: *delay,
-            attempt: previous_attempts,
-            last_error: format!("held by the breaker: {reason}"),
         },
         Outcome::Permanent { reason, error } => Settlement::DeadLetter {
             reason: (*reason).to_owned(),
@@ -205,7 +211,31 @@ mod tests {
     }
 
     #[test]
-    fn waiting_and_held_messages_are_parked_without_counting_an_attempt() {
+    fn held_deactivations_and_identity_conflicts_are_settled_in_the_store() {
+        check(
+            Outcome::Held {
+                reason: "tripped".into(),
+                detail: Detail::default(),
+            },
+            3,
+            1.0,
+            Settlement::Ack,
+        );
+        check(
+            Outcome::IdentityConflict {
+                reason: "address_held_by_other",
+                error: "x".into(),
+                others: vec!["o".into()],
+                detail: Detail::default(),
+            },
+            0,
+            1.0,
+            Settlement::Ack,
+        );
+    }
+
+    #[test]
+    fn waiting_messages_are_parked_without_counting_an_attempt() {
         let delay = Duration::from_secs(600);
         let parked = |last_error: &str| Settlement::Retry {
             delay,
@@ -217,16 +247,6 @@ mod tests {
             3,
             1.2,
             parked("waiting for a scheduled recheck"),
-        );
-        check(
-            Outcome::Held {
-                reason: "tripped".into(),
-                delay,
-                detail: Detail::default(),
-            },
-            3,
-            0.8,
-            parked("held by the breaker: tripped"),
         );
     }
 

@@ -104,7 +104,10 @@ fn compose_runs_the_broker_serve_scalable_workers_and_the_simulators_in_a_profil
     let doc = compose();
     let services = doc["services"].as_object().expect("services");
     let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
-    assert_eq!(names, BTreeSet::from(["rabbitmq", "serve", "work", "sim"]));
+    assert_eq!(
+        names,
+        BTreeSet::from(["postgres", "rabbitmq", "serve", "work", "sim"])
+    );
 
     let rabbit = &services["rabbitmq"];
     assert!(
@@ -184,10 +187,16 @@ fn compose_mounts_config_and_secrets_and_the_config_names_them_by_file() {
         assert!(repo().join(file).is_file(), "config {name}: {file} exists");
     }
 
+    // The database's own password is the postgres service's alone; flagrelay has the URL.
+    let infrastructure: BTreeSet<String> = strings(&doc["services"]["postgres"]["secrets"])
+        .into_iter()
+        .collect();
+    let flagrelay_secrets: BTreeSet<String> =
+        defined.difference(&infrastructure).cloned().collect();
     for name in ["serve", "work"] {
         let service = &doc["services"][name];
         let mounted: BTreeSet<String> = strings(&service["secrets"]).into_iter().collect();
-        assert_eq!(mounted, defined, "{name} mounts every secret");
+        assert_eq!(mounted, flagrelay_secrets, "{name} mounts every flagrelay secret");
 
         let config = service["configs"]
             .as_array()
@@ -247,14 +256,19 @@ fn compose_mounts_config_and_secrets_and_the_config_names_them_by_file() {
             "{name}: the admin listener where the image's health check looks"
         );
         if name == "work" {
-            let volumes = strings(&service["volumes"]);
-            let state = config.worker.state_dir.display().to_string();
-            assert!(
-                volumes
-                    .iter()
-                    .any(|v| v.split(':').nth(1) == Some(state.as_str())),
-                "work: worker.state_dir {state} is a volume shared by every replica: {volumes:?}"
+            // State lives in PostgreSQL: replicas need no shared volume.
+            assert_eq!(
+                config.state.url_file.as_deref(),
+                Some(std::path::Path::new("/run/secrets/state_url")),
+                "work: state.url_file names the compose secret with the postgres URL"
             );
+            assert!(
+                service["volumes"].is_null(),
+                "work: no shared state volume: {:?}",
+                service["volumes"]
+            );
+            let depends = service["depends_on"].as_object().expect("depends_on");
+            assert!(depends.contains_key("postgres"), "work waits for postgres");
         }
     }
 }

@@ -21,3 +21,4 @@ mod rabbit_node;
 mod receiver;
 mod reconcile;
 mod schemas;
+mod store_conformance;

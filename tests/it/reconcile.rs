@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use flagrelay::sim::graph::GraphSimFaults;
-use flagrelay::state::StateStore;
 use flagrelay::subscriptions::{Ensured, SubscriptionManager};
 
-use crate::support::{Options, TENANT, TestApp, eventually, processed};
+use crate::support::{Options, TENANT, TestApp, eventually, eventually_async, processed};
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
@@ -16,13 +15,12 @@ async fn with_delta(name: &str) -> TestApp {
         c.leader.delta_interval = Duration::from_secs(1)
     })
     .await;
-    let store = StateStore::open(&t.app.config.worker.state_dir).unwrap();
+    let store = t.app.store().await.unwrap();
+    let tenant = TENANT.into();
     assert!(
-        eventually(CONVERGE, || store
-            .delta_link(TENANT)
-            .ok()
-            .flatten()
-            .is_some())
+        eventually_async(CONVERGE, || async {
+            matches!(store.delta_link(&tenant).await, Ok(Some(_)))
+        })
         .await,
         "the first delta sync established a baseline"
     );

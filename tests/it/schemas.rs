@@ -169,6 +169,7 @@ fn outcome(result: &str, action: Option<&str>, known: bool) -> Message {
         rule: known.then(|| "leavers".into()),
         was_exempt: known.then_some(false),
         is_exempt: known.then_some(true),
+        conflicting_object_ids: known.then(|| vec![uuid::Uuid::new_v4().to_string()]),
     })
 }
 

@@ -304,6 +304,24 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     }
 }
 
+/// [`eventually`] for checks that must await (the state store).
+pub async fn eventually_async<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A TCP proxy in front of the broker that can cut or freeze its connections.
 pub struct Proxy {
     port: u16,
@@ -452,4 +470,59 @@ pub fn change_notification(client_state: &str, user_id: &str, seq: usize) -> ser
         "resourceData": {"id": user_id, "organizationId": TENANT, "sequenceNumber": seq},
         "tenantId": TENANT
     })
+}
+
+/// The PostgreSQL server tests create their databases on (`FLAGRELAY_TEST_PG_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/test`: trust authentication, as on the development
+/// machines and in `.ci/run`).
+pub fn pg_admin_url() -> String {
+    std::env::var("FLAGRELAY_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A database of the test's own on the test server, dropped by [`PgDatabase::drop_now`].
+#[derive(Debug)]
+pub struct PgDatabase {
+    pub name: String,
+    /// `postgres://…/<name>`: what `state.url` is set to.
+    pub url: String,
+}
+
+impl PgDatabase {
+    /// Create a fresh, empty database; fails (never skips) when the server does not answer.
+    pub async fn create(test: &str) -> Self {
+        use sqlx::Connection as _;
+        let admin = pg_admin_url();
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is not reachable at {admin} ({e}). These tests need a real server: \
+                 start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
+                 (`bash .ci/run` installs and starts it), or point FLAGRELAY_TEST_PG_URL at one."
+            )
+        });
+        let name = unique_prefix(test).replace('-', "_").to_ascii_lowercase();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        let mut url = url::Url::parse(&admin).expect("FLAGRELAY_TEST_PG_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        Self {
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    /// Drop the database (after every pool on it is closed; connections left are cut).
+    pub async fn drop_now(self) {
+        use sqlx::Connection as _;
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&pg_admin_url()).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await;
+        }
+    }
 }

@@ -12,6 +12,7 @@ fn config(max: u32, share: f64, minutes: u64) -> BreakerConfig {
         max_deactivations: max,
         max_share: share,
         window: Duration::from_secs(minutes * 60),
+        ..BreakerConfig::default()
     }
 }
 
@@ -118,7 +119,7 @@ fn stays_tripped_until_released() {
     let state = b.state(now() + Delta::minutes(10_003));
     assert_eq!(state.in_window, 1);
     let trip = state.tripped.unwrap();
-    assert_eq!((trip.in_window, trip.limit, trip.total_users), (1, 1, 100));
+    assert_eq!((trip.counted, trip.limit, trip.total_users), (1, 1, 100));
     assert_eq!(trip.at, now() + Delta::minutes(10_003));
     assert!(
         trip.reason.contains("reach the limit of 1"),

@@ -1,10 +1,13 @@
 //! Reading what the policy needs about one user — and nothing more: group membership,
 //! mailbox purpose, the leave date and the exemption list cost extra calls and permissions,
-//! so each is read only when [`Needs`] asks for it. Shared by the worker and `policy explain`.
+//! so each is read only when [`Needs`] asks for it. The Proofpoint address is chosen here, by
+//! [`choose_address`]: the first address of the user inside the org's domains.
 
 use chrono::{DateTime, Utc};
 
 use crate::graph::{GraphApi, GraphError, GraphUser, Group};
+use crate::identity::{IdentityConflict, OrgDomains, choose_address};
+use crate::ids::UserKey;
 use crate::policy::{Facts, Needs};
 use crate::proofpoint::{OrgAccess, PpError, PpUser, ProofpointApi};
 
@@ -29,8 +32,9 @@ pub struct Gathered {
 pub enum GatherError {
     #[error("Graph answers 404: the user is deleted")]
     Deleted,
-    #[error("the user has no mail, SMTP proxy address or UPN with an @")]
-    NoAddress,
+    /// No address of the user may be written for this org (none in its domains, or none).
+    #[error(transparent)]
+    Identity(IdentityConflict),
     #[error("Proofpoint has no user {0}")]
     UnknownToProofpoint(String),
     #[error(transparent)]
@@ -46,16 +50,19 @@ pub async fn gather(
     graph: &dyn GraphApi,
     proofpoint: &dyn ProofpointApi,
     org: &OrgAccess,
-    tenant_id: &str,
-    user_id: &str,
+    domains: &OrgDomains,
+    key: &UserKey,
     needs: &Needs,
     exemption_added: bool,
 ) -> Result<Gathered, GatherError> {
+    let tenant_id = key.tenant.as_str();
     let user = graph
-        .get_user(tenant_id, user_id, &needs.user_select())
+        .get_user(tenant_id, key.user.as_str(), &needs.user_select())
         .await?
         .ok_or(GatherError::Deleted)?;
-    let address = user.proofpoint_address().ok_or(GatherError::NoAddress)?;
+    let address = choose_address(&user, domains)
+        .map_err(GatherError::Identity)?
+        .address;
     // The two Proofpoint reads do not depend on each other: one round trip, not two.
     let pp_user = async {
         proofpoint
