@@ -73,6 +73,14 @@ pub struct E2eArgs {
     pub policy: Option<PathBuf>,
     #[arg(long, env = "FLAGRELAY_BENCH_AMQP_URL", default_value = support::LOCAL_AMQP_URL)]
     pub amqp_url: String,
+    /// The workers' state store: a PostgreSQL URL (`postgres://…`, an existing database the
+    /// bench may fill). Default: one SQLite file every worker process shares.
+    #[arg(long, env = "FLAGRELAY_BENCH_STATE_URL")]
+    pub state_url: Option<String>,
+    /// Another process's disk load while measuring: a writer that writes and fsyncs 1 MiB
+    /// blocks to the scratch directory's disk as fast as it can.
+    #[arg(long)]
+    pub disk_load: bool,
     /// How long one configuration may take to converge.
     #[arg(long, default_value = "120s", value_parser = crate::cli::parse_duration)]
     pub timeout: Duration,
@@ -148,6 +156,18 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<()> {
     println!(
         "  workers:     worker.concurrency {}, amqp.prefetch {}, proofpoint.requests_per_second {}, graph.reads_in_flight {}",
         args.concurrency, args.prefetch, args.proofpoint_rps, args.reads_in_flight
+    );
+    println!(
+        "  state store: {}{}",
+        args.state_url.as_deref().map_or_else(
+            || "SQLite, one file shared by the worker processes".to_owned(),
+            |u| format!("PostgreSQL {}", crate::config::redact_url(u))
+        ),
+        if args.disk_load {
+            "; another process writes and fsyncs to the disk while measuring"
+        } else {
+            ""
+        }
     );
     println!(
         "  columns:     Graph rd/ch = user reads per change (alone or in a $batch); Graph rq/ch = HTTP requests that carried them"
@@ -282,10 +302,13 @@ async fn run_one(
     .or_else(|e| receiver.ensure_running(&dir).and(Err(e)))?;
     let graph = GraphClient::new(&cfg.graph)?;
     let subscriptions = sandbox.subscribe(&graph, &receiver_url).await?;
+    // One state store for all the workers, as in production: a shared SQLite file on this
+    // host, or PostgreSQL.
+    cfg.worker.state_dir = dir.join("state");
+    cfg.state.url = args.state_url.clone().map(SecretString::from);
     let mut procs = Vec::new();
     for i in 0..workers {
-        let mut c = cfg.clone();
-        c.worker.state_dir = dir.join(format!("worker-{i}"));
+        let c = cfg.clone();
         procs.push(FlagrelayProcess::spawn(
             &format!("worker-{i}"),
             &["work"],
@@ -314,6 +337,11 @@ async fn run_one(
     }
 
     // Measure.
+    let disk_load = if args.disk_load {
+        Some(support::DiskLoad::start(&dir)?)
+    } else {
+        None
+    };
     sandbox.proofpoint.clear_records();
     let pp_before = sandbox.proofpoint.counters();
     let chosen: Vec<usize> = (0..args.flips)
@@ -340,6 +368,12 @@ async fn run_one(
     }
     let offered = args.flips as f64 / start.elapsed().as_secs_f64().max(1e-9);
     let converged = converge(sandbox, users, &chosen, args.timeout).await;
+    if let Some(load) = disk_load {
+        println!(
+            "  disk load:   another writer synced {:.0} MiB/s to this disk meanwhile",
+            load.mib_per_second()
+        );
+    }
 
     let mut latency = Latencies::default();
     let mut last_write = start;

@@ -182,6 +182,7 @@ impl FlagrelayProcess {
             ),
             ("FLAGRELAY_SIGNING__KEY", &config.signing.key),
             ("FLAGRELAY_AMQP__URL", &config.amqp.url),
+            ("FLAGRELAY_STATE__URL", &config.state.url),
         ];
         for (var, value) in secrets {
             if let Some(v) = value {
@@ -291,4 +292,63 @@ pub fn unique_prefix(what: &str) -> String {
         "flagrelay-bench-{what}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
+}
+
+/// Another writer on the disk while a benchmark measures: writes 1 MiB blocks and fsyncs each,
+/// in a file under `dir`, until dropped (the file is truncated every 256 MiB).
+#[derive(Debug)]
+pub struct DiskLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    started: Instant,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DiskLoad {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        use std::io::Write as _;
+        use std::sync::atomic::Ordering;
+        let path = dir.join("disk-load.bin");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut file = std::fs::File::create(&path)?;
+        let (s, w) = (stop.clone(), written.clone());
+        let thread = std::thread::spawn(move || {
+            let block = vec![0x5au8; 1 << 20];
+            let mut since_truncate = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                if file.write_all(&block).and_then(|()| file.sync_data()).is_err() {
+                    return;
+                }
+                w.fetch_add(1, Ordering::Relaxed);
+                since_truncate += 1;
+                if since_truncate >= 256 {
+                    since_truncate = 0;
+                    let _ = file.set_len(0);
+                    let _ = std::io::Seek::rewind(&mut file);
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            written,
+            started: Instant::now(),
+            thread: Some(thread),
+        })
+    }
+
+    /// MiB written and synced per second so far.
+    pub fn mib_per_second(&self) -> f64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
+impl Drop for DiskLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
