@@ -7,13 +7,14 @@
 
 use std::ops::Range;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
-use super::breaker::BreakerConfig;
+use super::breaker::{BreakerConfig, DAY, GlobalLimits};
 use super::engine::{Cond, Rule, RulePolicy};
 use super::fact::{self, Fact};
 use super::matcher::{self, Matcher};
@@ -100,6 +101,22 @@ struct BreakerModel {
     max_share: Option<Spanned<f64>>,
     #[serde(default)]
     window: Option<Spanned<String>>,
+    #[serde(default)]
+    max_per_day: Option<Spanned<i64>>,
+    #[serde(default)]
+    global: Option<GlobalModel>,
+}
+
+/// `[breaker.global]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GlobalModel {
+    #[serde(default)]
+    max_deactivations: Option<Spanned<i64>>,
+    #[serde(default)]
+    window: Option<Spanned<String>>,
+    #[serde(default)]
+    max_per_day: Option<Spanned<i64>>,
 }
 
 /// The text being parsed, for turning byte offsets into lines.
@@ -370,49 +387,124 @@ fn compile_entry(key: &Spanned<DeString<'_>>, v: &Spanned<DeValue<'_>>) -> Resul
     }
 }
 
+/// `[breaker]` and `[breaker.global]` over the defaults. An omitted `max_per_day` is at least
+/// the window's `max_deactivations`, so that a file which only raises the window limit (valid
+/// before day limits existed) keeps meaning what it says.
 fn compile_breaker(
     src: &Source<'_>,
     model: Option<&BreakerModel>,
 ) -> Result<BreakerConfig, PolicyError> {
     let mut config = BreakerConfig::default();
     let Some(m) = model else { return Ok(config) };
-    let at = |span: Range<usize>, msg: &str| src.invalid(span, None, format!("[breaker] {msg}"));
+    let at = |span: Range<usize>, msg: String| src.invalid(span, None, format!("[breaker] {msg}"));
     if let Some(n) = &m.max_deactivations {
-        config.max_deactivations = u32::try_from(*n.get_ref())
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| {
-                at(
-                    n.span(),
-                    "max_deactivations must be a whole number of at least 1",
-                )
-            })?;
+        config.max_deactivations = count(n, "max_deactivations").map_err(|e| at(n.span(), e))?;
     }
     if let Some(s) = &m.max_share {
         let v = *s.get_ref();
         if !(v > 0.0 && v <= 1.0) {
             return Err(at(
                 s.span(),
-                "max_share is a fraction of the known users in (0, 1], e.g. 0.10",
+                "max_share is a fraction of the known users in (0, 1], e.g. 0.10".into(),
             ));
         }
         config.max_share = v;
     }
     if let Some(w) = &m.window {
-        config.window = matcher::parse_duration(w.get_ref())
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                at(
-                    w.span(),
-                    &format!(
-                        "window: `{}` is not a positive duration (e.g. \"1h\")",
-                        w.get_ref()
-                    ),
-                )
-            })?;
+        config.window = window(w).map_err(|e| at(w.span(), e))?;
+    }
+    config.max_per_day = per_day(
+        m.max_per_day.as_ref(),
+        config.max_deactivations,
+        config.max_per_day,
+        config.window,
+    )
+    .map_err(|(span, e)| at(span, e))?;
+    if let Some(g) = &m.global {
+        config.global = compile_global(src, g)?;
     }
     Ok(config)
+}
+
+fn compile_global(src: &Source<'_>, m: &GlobalModel) -> Result<GlobalLimits, PolicyError> {
+    let at = |span: Range<usize>, msg: String| {
+        src.invalid(span, None, format!("[breaker.global] {msg}"))
+    };
+    let mut limits = GlobalLimits::default();
+    if let Some(n) = &m.max_deactivations {
+        limits.max_deactivations = count(n, "max_deactivations").map_err(|e| at(n.span(), e))?;
+    }
+    if let Some(w) = &m.window {
+        limits.window = window(w).map_err(|e| at(w.span(), e))?;
+    }
+    limits.max_per_day = per_day(
+        m.max_per_day.as_ref(),
+        limits.max_deactivations,
+        limits.max_per_day,
+        limits.window,
+    )
+    .map_err(|(span, e)| at(span, e))?;
+    Ok(limits)
+}
+
+/// A limit on a number of deactivations: a whole number of at least 1.
+fn count(n: &Spanned<i64>, key: &str) -> Result<u32, String> {
+    match u32::try_from(*n.get_ref()) {
+        Ok(0) => Err(format!(
+            "{key} must be at least 1: 0 would hold every deactivation; to stop deactivating, \
+             use a guard or an `ignore` rule instead"
+        )),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!(
+            "{key} must be a whole number from 1 to {}",
+            u32::MAX
+        )),
+    }
+}
+
+const MIN_WINDOW: Duration = Duration::from_secs(60);
+const MAX_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// A breaker window: from 1 minute to 7 days.
+fn window(w: &Spanned<String>) -> Result<Duration, String> {
+    let text = w.get_ref();
+    let d = matcher::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("window: `{text}` is not a positive duration (e.g. \"1h\")"))?;
+    if !(MIN_WINDOW..=MAX_WINDOW).contains(&d) {
+        return Err(format!(
+            "window: `{text}` is outside the allowed range of 1 minute to 7 days"
+        ));
+    }
+    Ok(d)
+}
+
+/// `max_per_day`, given the window limit of the same scope. When omitted: `default`, raised
+/// to `max_deactivations`. Set below `max_deactivations` with a window of at most a day, the
+/// window limit could never be reached, so it is refused. (With a longer window both limits
+/// still bite, so it is allowed.)
+fn per_day(
+    n: Option<&Spanned<i64>>,
+    max_deactivations: u32,
+    default: u32,
+    window: Duration,
+) -> Result<u32, (Range<usize>, String)> {
+    let Some(n) = n else {
+        return Ok(default.max(max_deactivations));
+    };
+    let v = count(n, "max_per_day").map_err(|e| (n.span(), e))?;
+    if v < max_deactivations && window <= DAY {
+        return Err((
+            n.span(),
+            format!(
+                "max_per_day ({v}) is smaller than max_deactivations ({max_deactivations}): \
+                 within a day the window limit could never be reached; raise max_per_day or \
+                 lower max_deactivations"
+            ),
+        ));
+    }
+    Ok(v)
 }
 
 /// From a rule table's header to the end of the last thing in it.
