@@ -284,7 +284,10 @@ fn limits(config: &BreakerConfig, org: &str, counts: &Counts, total_users: usize
             span: g.window,
             counted: counts.global_in_window,
             limit: g.max_deactivations as usize,
-            settings: format!("[breaker.global] max_deactivations = {}", g.max_deactivations),
+            settings: format!(
+                "[breaker.global] max_deactivations = {}",
+                g.max_deactivations
+            ),
         },
         Limit {
             scope: org.clone(),
