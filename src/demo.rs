@@ -77,9 +77,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let mut sandbox = Sandbox::start(TENANT, ORG).await?;
     let policy = DEFAULT_POLICY
         .replace("max_deactivations = 25", "max_deactivations = 100000")
-        .replace("max_share = 0.10", "max_share = 1.0");
+        .replace("max_share = 0.10", "max_share = 1.0")
+        .replace(
+            "# [breaker.global]\n# max_deactivations = 100",
+            "[breaker.global]\nmax_deactivations = 100000",
+        );
     anyhow::ensure!(
-        policy != DEFAULT_POLICY,
+        policy.contains("[breaker.global]\nmax_deactivations = 100000"),
         "the demo relaxes the example policy's breaker; its settings moved"
     );
     sandbox.use_policy(&policy)?;

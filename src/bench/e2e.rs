@@ -491,17 +491,15 @@ async fn converge(
 
 /// `policy` with its blast-radius breaker opened wide (its limits replaced, or a section added).
 fn open_breaker(policy: &str) -> String {
-    let limits =
-        regex::Regex::new(r"(?m)^\s*(max_deactivations|max_share)\s*=.*$").expect("static regex");
+    // Every limit goes (the org's, the day's and the global section), then wide ones come
+    // back in front of the rules.
+    let limits = regex::Regex::new(
+        r"(?m)^\s*(max_deactivations|max_share|max_per_day|window)\s*=.*$|^\s*\[breaker(\.global)?\]\s*$",
+    )
+    .expect("static regex");
     let opened = limits.replace_all(policy, "");
-    if opened.contains("[breaker]") {
-        opened.replace(
-            "[breaker]",
-            "[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0",
-        )
-    } else {
-        format!(
-            "[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0\nwindow = \"1h\"\n\n{opened}"
-        )
-    }
+    format!(
+        "[breaker]\nmax_deactivations = 10000000\nmax_share = 1.0\nwindow = \"1h\"\n\n\
+         [breaker.global]\nmax_deactivations = 10000000\n\n{opened}"
+    )
 }

@@ -13,16 +13,11 @@
 //! [`judge`] is pure (no clock, no IO): the caller counts the deactivations already made over
 //! the spans [`windows`] and [`DAY`] name (an instant at or before [`window_start`] has left the
 //! span), inside the same transaction that will record the new one, and passes those
-//! [`Counts`]. [`Verdict::Allow`]: record it and go ahead. [`Verdict::Tripped`]: do not write;
-//! keep the decision queued, save the [`Trip`] and alert. A trip holds until an operator
-//! releases its [`Scope`]; time alone never closes it.
-//!
-//! # The in-memory breaker
-//! [`Breaker`] is the older per-process state machine (one per worker process, all orgs
-//! together, window limit only). Superseded by [`judge`]; removed once the worker counts in
-//! the state store.
+//! [`Counts`]. [`Verdict::Allow`]: record it and go ahead. [`Verdict::Tripped`]: do not write,
+//! record the user as held, save the [`Trip`] and alert. A trip holds until an operator
+//! releases its [`Scope`]; time alone never closes it. The counting, the trip and the held
+//! users live in the state store (`store::sql::breaker`), shared by every process.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
@@ -348,87 +343,3 @@ impl Limit {
     }
 }
 
-/// What an alert or a status page shows.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BreakerState {
-    pub config: BreakerConfig,
-    /// Deactivations counted in the window ending at the `now` asked about.
-    pub in_window: usize,
-    pub tripped: Option<Trip>,
-}
-
-/// The per-process breaker: one per worker process, counting the deactivations of all its
-/// organizations together against the window limit of the organization asked about, in memory.
-/// Superseded by [`judge`]; removed once the worker counts in the state store.
-#[derive(Debug, Clone)]
-pub struct Breaker {
-    config: BreakerConfig,
-    /// When each deactivation in the window was allowed, oldest first.
-    recent: VecDeque<DateTime<Utc>>,
-    tripped: Option<Trip>,
-}
-
-impl Breaker {
-    pub fn new(config: BreakerConfig) -> Self {
-        Self {
-            config,
-            recent: VecDeque::new(),
-            tripped: None,
-        }
-    }
-
-    pub fn config(&self) -> &BreakerConfig {
-        &self.config
-    }
-
-    /// Ask to deactivate one user now. Counts it when allowed; trips when it would exceed
-    /// the window limit; answers `Tripped` for as long as it is tripped. Its trips have scope
-    /// `global`: the count spans every organization of the process.
-    pub fn attempt(&mut self, now: DateTime<Utc>, total_users: usize) -> Verdict {
-        if let Some(trip) = &self.tripped {
-            return Verdict::Tripped(trip.clone());
-        }
-        self.forget_before(now);
-        let limit = org_window(&self.config, Scope::Global, self.recent.len(), total_users);
-        if !limit.reached() {
-            self.recent.push_back(now);
-            return Verdict::Allow;
-        }
-        let trip = limit.trip(now, total_users);
-        self.tripped = Some(trip.clone());
-        Verdict::Tripped(trip)
-    }
-
-    /// Put back a trip persisted before a restart: it holds until released.
-    pub fn restore(&mut self, trip: Trip) {
-        self.tripped = Some(trip);
-    }
-
-    pub fn is_tripped(&self) -> bool {
-        self.tripped.is_some()
-    }
-
-    /// Close the breaker again (an operator has looked) and forget the window. Returns the trip
-    /// that was released, if any.
-    pub fn release(&mut self) -> Option<Trip> {
-        self.recent.clear();
-        self.tripped.take()
-    }
-
-    /// The state at `now`, for alerts. Does not change anything.
-    pub fn state(&self, now: DateTime<Utc>) -> BreakerState {
-        let start = window_start(now, self.config.window);
-        BreakerState {
-            config: self.config,
-            in_window: self.recent.iter().filter(|t| **t > start).count(),
-            tripped: self.tripped.clone(),
-        }
-    }
-
-    fn forget_before(&mut self, now: DateTime<Utc>) {
-        let start = window_start(now, self.config.window);
-        while self.recent.front().is_some_and(|t| *t <= start) {
-            self.recent.pop_front();
-        }
-    }
-}

@@ -13,7 +13,7 @@
 //! - `fact.rs`: the facts a rule can name and how each is read from [`Facts`].
 //! - `matcher.rs`: `equals`, `one_of`, `glob`, `regex`, `exists`, `before`, `after`.
 //! - `engine.rs`: [`RulePolicy`]: first match wins, three-valued evaluation, grace, guards.
-//! - [`breaker`]: the blast-radius breaker, a pure state machine.
+//! - [`breaker`]: the blast-radius breaker's limits and its pure judgement.
 //!
 //! # Rules
 //! Rules are tried top to bottom; the first whose `when` holds wins. The last rule has no
@@ -77,7 +77,8 @@
 //! should schedule a re-evaluation then.
 //!
 //! # The breaker
-//! See [`breaker`]: the worker asks [`breaker::Breaker::attempt`] before every deactivating write.
+//! See [`breaker`]: the limits and the pure [`breaker::judge`]; the state store counts the
+//! fleet's deactivations and asks it, in one transaction, before every deactivating write.
 
 pub mod breaker;
 pub mod decision;
@@ -95,7 +96,7 @@ use serde::Serialize;
 use crate::graph::{GraphUser, USER_SELECT};
 use crate::proofpoint::PpUser;
 
-pub use breaker::{Breaker, BreakerConfig, BreakerState, Trip, Verdict};
+pub use breaker::{BreakerConfig, Trip, Verdict};
 pub use decision::{Check, Decision, Grace, GraceStart, RuleTrace, Truth};
 pub use engine::RulePolicy;
 pub use file::PolicyError;
@@ -337,7 +338,7 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
         Needs::default()
     }
 
-    /// Limits for the blast-radius breaker the worker keeps per Proofpoint organization.
+    /// Limits of the blast-radius breaker (per Proofpoint organization and over all of them).
     fn breaker(&self) -> BreakerConfig {
         BreakerConfig::default()
     }

@@ -23,6 +23,9 @@ max_deactivations = 10000000
 max_share = 1.0
 window = "1h"
 
+[breaker.global]
+max_deactivations = 10000000
+
 [[rule]]
 name = "enabled"
 when = { account_enabled = true }
