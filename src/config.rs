@@ -832,9 +832,7 @@ impl Config {
 
     /// The tenant entry for an Entra tenant id (case-insensitive, as GUIDs are).
     pub fn tenant(&self, tenant_id: &str) -> Option<&TenantConfig> {
-        self.tenants
-            .iter()
-            .find(|t| t.id == tenant_id)
+        self.tenants.iter().find(|t| t.id == tenant_id)
     }
 
     /// How to reach the Proofpoint organization of a tenant.
@@ -969,7 +967,11 @@ pub fn redact_url(url: &str) -> String {
                 let kept: Vec<(String, String)> = u
                     .query_pairs()
                     .map(|(k, v)| {
-                        let v = if k.contains("password") { "***".into() } else { v.into_owned() };
+                        let v = if k.contains("password") {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
                         (k.into_owned(), v)
                     })
                     .collect();

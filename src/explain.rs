@@ -9,15 +9,15 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::evaluation::decide;
+use crate::evaluation::gather::{Gathered, gather};
 use crate::graph::client::GraphClient;
 use crate::graph::{GraphApi, GraphUser, Group};
+use crate::identity::OrgDomains;
+use crate::ids::UserKey;
 use crate::policy::{Facts, Policy, RulePolicy};
 use crate::proofpoint::PpUser;
 use crate::proofpoint::client::ProofpointClient;
-use crate::evaluation::gather::{Gathered, gather};
-use crate::evaluation::decide;
-use crate::identity::OrgDomains;
-use crate::ids::UserKey;
 use crate::store::UserState;
 
 /// `policy check`: parse and compile the file; print what it needs.

@@ -147,8 +147,9 @@ pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Stri
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.with_timezone(&Utc));
     }
-    let d = humantime::parse_duration(text)
-        .map_err(|e| format!("`{text}` is neither a duration (7d, 12h) nor an RFC 3339 time: {e}"))?;
+    let d = humantime::parse_duration(text).map_err(|e| {
+        format!("`{text}` is neither a duration (7d, 12h) nor an RFC 3339 time: {e}")
+    })?;
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| now.checked_sub_signed(d))
@@ -192,4 +193,91 @@ pub fn render(entries: &[HistoryEntry]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{HistoryQuery, SqlStore};
+
+    fn entry(user: &str, at: DateTime<Utc>) -> HistoryEntry {
+        HistoryEntry {
+            at,
+            tenant_id: "t".into(),
+            user_id: user.into(),
+            upn: None,
+            address: Some(format!("{user}@contoso.test")),
+            origin: "notification".into(),
+            result: "applied".into(),
+            action: Some("deactivate".into()),
+            rule: Some("mirror".into()),
+            reason: "mirror: sign-in blocked".into(),
+            writes: vec!["is_active true → false".into()],
+            was_active: Some(true),
+            is_active: Some(false),
+            was_exempt: None,
+            is_exempt: None,
+            dry_run: false,
+            latency_ms: Some(12),
+            trace_id: None,
+            worker: "host:1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_drains_everything_handed_over_before_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqlStore::sqlite(dir.path(), &Default::default())
+                .await
+                .unwrap(),
+        );
+        let stop = CancellationToken::new();
+        let (sink, writer) = HistorySink::spawn(store.clone(), Arc::default(), stop.clone());
+        let now = Utc::now();
+        for i in 0..1200 {
+            sink.record(entry(&format!("u{i}"), now));
+        }
+        stop.cancel();
+        writer.finished().await;
+        let all = store
+            .history(&HistoryQuery {
+                limit: 5000,
+                ..HistoryQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            all.len(),
+            1200,
+            "nothing handed over is dropped at shutdown"
+        );
+    }
+
+    #[test]
+    fn since_takes_durations_and_times_and_refuses_the_rest() {
+        let now = Utc::now();
+        assert_eq!(
+            parse_since("7d", now).unwrap(),
+            now - chrono::Duration::days(7)
+        );
+        assert_eq!(
+            parse_since("2026-11-30T08:00:00Z", now)
+                .unwrap()
+                .to_rfc3339(),
+            "2026-11-30T08:00:00+00:00"
+        );
+        assert!(parse_since("last tuesday", now).is_err());
+    }
+
+    #[test]
+    fn the_table_shows_the_rule_and_the_writes() {
+        let text = render(&[entry("u1", Utc::now())]);
+        assert!(text.contains("u1@contoso.test"), "{text}");
+        assert!(
+            text.contains("mirror: sign-in blocked; wrote: is_active true → false"),
+            "{text}"
+        );
+        assert!(render(&[]).contains("no decisions"));
+    }
 }

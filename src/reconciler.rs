@@ -135,7 +135,9 @@ impl Reconciler {
                         })?;
                 }
                 DeltaNext::DeltaLink(link) => {
-                    self.store.put_delta_link(&tenant.id, &link, Utc::now()).await?;
+                    self.store
+                        .put_delta_link(&tenant.id, &link, Utc::now())
+                        .await?;
                     return Ok(report);
                 }
             }

@@ -109,3 +109,73 @@ fn message_for(d: &Due) -> UserChanged {
         not_before,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::UserKey;
+    use crate::queue::QueueSettings;
+    use crate::queue::embedded::EmbeddedQueue;
+    use crate::store::{SqlStore, UserState};
+
+    #[tokio::test]
+    async fn due_rechecks_and_wake_ups_are_queued_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqlStore::sqlite(dir.path(), &Default::default())
+                .await
+                .unwrap(),
+        );
+        let queue = EmbeddedQueue::new(QueueSettings::with_prefix("sched"));
+        let scheduler = Scheduler {
+            store: store.clone(),
+            queue: Arc::new(queue.clone()),
+            signer: Signer::new("k1", "k".repeat(32).into()),
+            history_retention: Duration::from_secs(3600),
+        };
+        let now = Utc::now();
+        let due = UserKey::new("t".into(), "6f1c2b9a-0000-4000-8000-00000000000a".into());
+        let later = UserKey::new("t".into(), "6f1c2b9a-0000-4000-8000-00000000000b".into());
+        let woken = UserKey::new("t".into(), "6f1c2b9a-0000-4000-8000-00000000000c".into());
+        let recheck = |at| UserState {
+            recheck_at: Some(at),
+            ..UserState::default()
+        };
+        store
+            .put_user(&due, &recheck(now - chrono::Duration::seconds(1)), now)
+            .await
+            .unwrap();
+        store
+            .put_user(&later, &recheck(now + chrono::Duration::hours(1)), now)
+            .await
+            .unwrap();
+        store.wake(&woken, now).await.unwrap();
+
+        assert_eq!(
+            scheduler.tick().await.unwrap(),
+            2,
+            "the recheck due and the wake-up"
+        );
+        assert_eq!(queue.held(), 2);
+        assert_eq!(scheduler.tick().await.unwrap(), 0, "each is queued once");
+        assert_eq!(queue.held(), 2);
+    }
+
+    #[test]
+    fn a_recheck_carries_its_due_time_and_a_wake_up_is_an_ordinary_look() {
+        let key = UserKey::new("t".into(), "u".into());
+        let at = Utc::now();
+        let r = message_for(&Due {
+            key: key.clone(),
+            at,
+            kind: DueKind::Recheck,
+        });
+        assert_eq!((r.origin, r.not_before), (Origin::Recheck, Some(at)));
+        let w = message_for(&Due {
+            key,
+            at,
+            kind: DueKind::Wake,
+        });
+        assert_eq!((w.origin, w.not_before), (Origin::Manual, None));
+    }
+}

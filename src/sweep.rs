@@ -13,15 +13,15 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::config::{Config, TenantConfig};
+use crate::evaluation::gather::{complete, on_list};
+use crate::evaluation::{Plan, decide};
 use crate::graph::{DeltaNext, DeltaPage, GraphApi, GraphError};
+use crate::identity::{OrgDomains, choose_address};
+use crate::ids::UserKey;
 use crate::message::{self, Message, Origin, Signer, UserChanged};
 use crate::policy::Policy;
 use crate::proofpoint::{PpError, ProofpointApi};
 use crate::queue::{Queue, QueueError};
-use crate::evaluation::gather::{complete, on_list};
-use crate::evaluation::{Plan, decide};
-use crate::identity::{OrgDomains, choose_address};
-use crate::ids::UserKey;
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]

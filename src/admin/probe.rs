@@ -11,9 +11,9 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::graph::GraphApi;
+use crate::policy::SharedPolicy;
 use crate::proofpoint::{OrgAccess, ProofpointApi};
 use crate::queue::Queue;
-use crate::policy::SharedPolicy;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::telemetry::status::{BreakerView, Check, Readiness};
@@ -104,7 +104,8 @@ impl Probe {
 
         if let Some(store) = &self.store {
             let config = self.policy.current().breaker();
-            let report = tokio::time::timeout(CHECK_TIMEOUT, store.breaker_report(&config, Utc::now()));
+            let report =
+                tokio::time::timeout(CHECK_TIMEOUT, store.breaker_report(&config, Utc::now()));
             let breaker = match report.await {
                 Ok(Ok(report)) => Some(BreakerView {
                     tripped: report.trips().next().map(|t| (t.at, t.reason.clone())),

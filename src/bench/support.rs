@@ -317,7 +317,11 @@ impl DiskLoad {
             let block = vec![0x5au8; 1 << 20];
             let mut since_truncate = 0u64;
             while !s.load(Ordering::Relaxed) {
-                if file.write_all(&block).and_then(|()| file.sync_data()).is_err() {
+                if file
+                    .write_all(&block)
+                    .and_then(|()| file.sync_data())
+                    .is_err()
+                {
                     return;
                 }
                 w.fetch_add(1, Ordering::Relaxed);

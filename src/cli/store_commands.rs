@@ -93,7 +93,10 @@ pub async fn breaker(cmd: BreakerCommand, cfg: &Config) -> anyhow::Result<()> {
                 println!("breaker: no trip in force{}", scope_note(org.as_deref()));
             }
             for t in &r.released {
-                println!("released the trip of {} (tripped at {}: {})", t.scope, t.at, t.reason);
+                println!(
+                    "released the trip of {} (tripped at {}: {})",
+                    t.scope, t.at, t.reason
+                );
             }
             println!(
                 "{} held deactivation(s) approved; they proceed within seconds; counting starts afresh{}",
@@ -240,9 +243,7 @@ async fn accept(
     let address = match (address, &pending) {
         (Some(a), _) => a.trim().to_ascii_lowercase(),
         (None, Some(c)) if !c.address.is_empty() => c.address.clone(),
-        _ => anyhow::bail!(
-            "no pending conflict names an address for {object}: give --address"
-        ),
+        _ => anyhow::bail!("no pending conflict names an address for {object}: give --address"),
     };
     let domains = crate::identity::OrgDomains::new(&t.org_domain, &t.accepted_domains);
     anyhow::ensure!(
@@ -259,7 +260,9 @@ async fn accept(
             how: "accepted".into(),
         })
         .await?;
-    store.wake(&UserKey::new(tenant, object.clone()), now).await?;
+    store
+        .wake(&UserKey::new(tenant, object.clone()), now)
+        .await?;
     println!("bound {object} to {address}; the user is looked at again within seconds");
     Ok(())
 }

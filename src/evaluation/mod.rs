@@ -122,3 +122,6 @@ impl Plan {
         out
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -75,21 +75,6 @@ impl GraphUser {
             .iter()
             .find_map(|p| p.strip_prefix("SMTP:"))
     }
-
-    /// The address Proofpoint knows this user by: `mail`, else the primary SMTP proxy
-    /// address, else the UPN. Lower-cased, as Proofpoint compares addresses case-insensitively.
-    pub fn proofpoint_address(&self) -> Option<String> {
-        [
-            self.mail.as_deref(),
-            self.primary_smtp(),
-            self.user_principal_name.as_deref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(str::trim)
-        .find(|a| a.contains('@'))
-        .map(str::to_ascii_lowercase)
-    }
 }
 
 /// A group a user belongs to, directly or through nested groups
@@ -348,33 +333,4 @@ pub trait GraphApi: Send + Sync + std::fmt::Debug {
         tenant_id: &str,
         subscription_id: &str,
     ) -> Result<(), GraphError>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn address_prefers_mail_then_primary_smtp_then_upn() {
-        let mut u = GraphUser {
-            id: "1".into(),
-            user_principal_name: Some("Upn@Example.com".into()),
-            proxy_addresses: Some(vec![
-                "smtp:alias@example.com".into(),
-                "SMTP:Primary@example.com".into(),
-            ]),
-            mail: Some("Mail@example.com".into()),
-            ..Default::default()
-        };
-        assert_eq!(u.proofpoint_address().as_deref(), Some("mail@example.com"));
-        u.mail = None;
-        assert_eq!(
-            u.proofpoint_address().as_deref(),
-            Some("primary@example.com")
-        );
-        u.proxy_addresses = Some(vec!["smtp:alias@example.com".into()]);
-        assert_eq!(u.proofpoint_address().as_deref(), Some("upn@example.com"));
-        u.user_principal_name = None;
-        assert_eq!(u.proofpoint_address(), None);
-    }
 }

@@ -52,7 +52,9 @@ pub async fn json_state_dir(store: &SqlStore, dir: &Path) -> Result<Option<Impor
     }
     let marker = format!(
         "json_import:{}",
-        std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned()).display()
+        std::fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.to_owned())
+            .display()
     );
     use super::Store as _;
     if store.meta(&marker).await?.is_some() {

@@ -62,8 +62,8 @@ macro_rules! on_pool {
         }
     };
 }
-pub(super) use on_pool;
 pub(super) use breaker::GLOBAL;
+pub(super) use on_pool;
 
 impl SqlStore {
     /// The embedded store: `flagrelay.db` under `dir` (created), WAL journal so that several
@@ -188,7 +188,10 @@ pub(super) fn time(what: &'static str, ms: i64) -> Result<DateTime<Utc>, StoreEr
     })
 }
 
-pub(super) fn opt_time(what: &'static str, ms: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
+pub(super) fn opt_time(
+    what: &'static str,
+    ms: Option<i64>,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
     ms.map(|m| time(what, m)).transpose()
 }
 
@@ -208,7 +211,6 @@ impl Store for SqlStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))
-            
             .map_err(|e| self.err(e))
     }
 
@@ -328,7 +330,7 @@ impl Store for SqlStore {
              ON CONFLICT (tenant_id) DO UPDATE SET link = excluded.link, saved_at = excluded.saved_at",
         )
         .bind(tenant.as_str()).bind(link).bind(ms(now)).execute(p).await.map(|_| ()))
-        
+
         .map_err(|e| self.err(e))
     }
 
@@ -342,7 +344,7 @@ impl Store for SqlStore {
     async fn forget_held(&self, key: &UserKey) -> Result<(), StoreError> {
         on_pool!(self, p => sqlx::query("DELETE FROM breaker_held WHERE tenant_id = $1 AND user_id = $2")
             .bind(key.tenant.as_str()).bind(key.user.as_str()).execute(p).await.map(|_| ()))
-        
+
         .map_err(|e| self.err(e))
     }
 
@@ -367,7 +369,13 @@ impl Store for SqlStore {
         tenant: &TenantId,
         object_id: &UserId,
     ) -> Result<Option<Binding>, StoreError> {
-        records::binding_where(self, "tenant_id = $1 AND object_id = $2", tenant.as_str(), object_id.as_str()).await
+        records::binding_where(
+            self,
+            "tenant_id = $1 AND object_id = $2",
+            tenant.as_str(),
+            object_id.as_str(),
+        )
+        .await
     }
 
     async fn binding_of_address(
@@ -376,7 +384,13 @@ impl Store for SqlStore {
         address: &str,
     ) -> Result<Option<Binding>, StoreError> {
         let address = address.trim().to_ascii_lowercase();
-        records::binding_where(self, "tenant_id = $1 AND address = $2", tenant.as_str(), &address).await
+        records::binding_where(
+            self,
+            "tenant_id = $1 AND address = $2",
+            tenant.as_str(),
+            &address,
+        )
+        .await
     }
 
     async fn bind(&self, binding: &Binding) -> Result<(), StoreError> {
@@ -394,7 +408,7 @@ impl Store for SqlStore {
     async fn clear_conflict(&self, key: &UserKey) -> Result<(), StoreError> {
         on_pool!(self, p => sqlx::query("DELETE FROM identity_conflicts WHERE tenant_id = $1 AND object_id = $2")
             .bind(key.tenant.as_str()).bind(key.user.as_str()).execute(p).await.map(|_| ()))
-        
+
         .map_err(|e| self.err(e))
     }
 
@@ -408,7 +422,7 @@ impl Store for SqlStore {
              ON CONFLICT (tenant_id, user_id, kind) DO UPDATE SET due_at = excluded.due_at, queued_at = NULL",
         )
         .bind(key.tenant.as_str()).bind(key.user.as_str()).bind(ms(at)).execute(p).await.map(|_| ()))
-        
+
         .map_err(|e| self.err(e))
     }
 
@@ -499,7 +513,7 @@ impl Store for SqlStore {
             "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind(key).bind(value).execute(p).await.map(|_| ()))
-        
+
         .map_err(|e| self.err(e))
     }
 }

@@ -101,7 +101,10 @@ impl Worker {
                 {
                     Ok(()) => skipped(
                         "requeued_by_object_id",
-                        &format!("{} is object {}; queued under the object id", m.user_id, user.id),
+                        &format!(
+                            "{} is object {}; queued under the object id",
+                            m.user_id, user.id
+                        ),
                         Detail::default(),
                     ),
                     Err(e) => Outcome::Transient {

@@ -24,9 +24,7 @@ use tracing::{Instrument, Span, field};
 use crate::graph::GraphApi;
 use crate::identity::OrgDomains;
 use crate::ids::{TenantId, UserKey};
-use crate::message::{
-    self, DecodeError, Decoded, Message, Signer, TraceContext, Verifier,
-};
+use crate::message::{self, DecodeError, Decoded, Message, Signer, TraceContext, Verifier};
 use crate::policy::SharedPolicy;
 use crate::proofpoint::{OrgAccess, ProofpointApi};
 use crate::queue::{Delivered, Delivery, Queue, QueueError, Settlement};

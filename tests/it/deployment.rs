@@ -196,7 +196,10 @@ fn compose_mounts_config_and_secrets_and_the_config_names_them_by_file() {
     for name in ["serve", "work"] {
         let service = &doc["services"][name];
         let mounted: BTreeSet<String> = strings(&service["secrets"]).into_iter().collect();
-        assert_eq!(mounted, flagrelay_secrets, "{name} mounts every flagrelay secret");
+        assert_eq!(
+            mounted, flagrelay_secrets,
+            "{name} mounts every flagrelay secret"
+        );
 
         let config = service["configs"]
             .as_array()

@@ -317,7 +317,13 @@ async fn queued_messages_for_one_user_are_coalesced_into_one_evaluation() {
     // Older than the clock margin by the time the worker starts.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let stop = tokio_util::sync::CancellationToken::new();
-    let worker = tokio::spawn(t.app.worker(flagrelay::history::HistorySink::discard()).await.unwrap().run(stop.clone()));
+    let worker = tokio::spawn(
+        t.app
+            .worker(flagrelay::history::HistorySink::discard())
+            .await
+            .unwrap()
+            .run(stop.clone()),
+    );
     assert!(eventually(CONVERGE, || processed(&t) >= 6).await);
     assert_eq!(
         t.sandbox.is_active(&u),

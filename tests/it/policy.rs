@@ -251,21 +251,37 @@ async fn the_breaker_trips_on_a_mass_disable_and_holds_until_released() {
 
     let store = t.app.store().await.unwrap();
     let config = t.app.policy.current().breaker();
-    let report = store.breaker_report(&config, chrono::Utc::now()).await.unwrap();
+    let report = store
+        .breaker_report(&config, chrono::Utc::now())
+        .await
+        .unwrap();
     assert_eq!(
         report.trips().count(),
         1,
         "the trip is in the store, for every process and for operators: {report:?}"
     );
-    assert_eq!(report.held.len(), 5, "the held users are listed: {report:?}");
-    let released = store.release_breaker(None, chrono::Utc::now()).await.unwrap();
+    assert_eq!(
+        report.held.len(),
+        5,
+        "the held users are listed: {report:?}"
+    );
+    let released = store
+        .release_breaker(None, chrono::Utc::now())
+        .await
+        .unwrap();
     assert_eq!(released.approved.len(), 5);
     assert!(
         eventually(CONVERGE, || inactive() == 8).await,
         "released: every deactivation held at the release proceeds, not just a fresh window's worth"
     );
-    let after = store.breaker_report(&config, chrono::Utc::now()).await.unwrap();
-    assert!(after.held.is_empty() && after.trips().count() == 0, "{after:?}");
+    let after = store
+        .breaker_report(&config, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        after.held.is_empty() && after.trips().count() == 0,
+        "{after:?}"
+    );
     t.stop().await;
 }
 

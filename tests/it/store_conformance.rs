@@ -29,8 +29,11 @@ impl Backend {
         let open = move || {
             let path = path.clone();
             Box::pin(async move {
-                Arc::new(SqlStore::sqlite(&path, &StateConfig::default()).await.unwrap())
-                    as Arc<dyn Store>
+                Arc::new(
+                    SqlStore::sqlite(&path, &StateConfig::default())
+                        .await
+                        .unwrap(),
+                ) as Arc<dyn Store>
             }) as futures::future::BoxFuture<'static, Arc<dyn Store>>
         };
         Self {
@@ -47,8 +50,11 @@ impl Backend {
         let open = move || {
             let url = url.clone();
             Box::pin(async move {
-                Arc::new(SqlStore::postgres(&url, &StateConfig::default()).await.unwrap())
-                    as Arc<dyn Store>
+                Arc::new(
+                    SqlStore::postgres(&url, &StateConfig::default())
+                        .await
+                        .unwrap(),
+                ) as Arc<dyn Store>
             }) as futures::future::BoxFuture<'static, Arc<dyn Store>>
         };
         Self {
@@ -105,9 +111,13 @@ async fn user_state_round_trips_under_one_normalized_key(b: &Backend) {
         exemption_added: true,
         recheck_at: Some(now + Duration::hours(2)),
     };
-    s.put_user(&key("T-1", "AAAA0000-0000-4000-8000-000000000001"), &state, now)
-        .await
-        .unwrap();
+    s.put_user(
+        &key("T-1", "AAAA0000-0000-4000-8000-000000000001"),
+        &state,
+        now,
+    )
+    .await
+    .unwrap();
     let read = s
         .user(&key("t-1", "aaaa0000-0000-4000-8000-000000000001"))
         .await

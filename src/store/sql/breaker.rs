@@ -70,12 +70,7 @@ pub(super) async fn attempt(
     store: &SqlStore,
     r: &Deactivation<'_>,
 ) -> Result<BreakerAnswer, StoreError> {
-    let (t, u, org, now) = (
-        r.key.tenant.as_str(),
-        r.key.user.as_str(),
-        r.org,
-        ms(r.now),
-    );
+    let (t, u, org, now) = (r.key.tenant.as_str(), r.key.user.as_str(), r.org, ms(r.now));
     let cfg = r.config;
     let decided: Result<Decided, sqlx::Error> = on_pool!(store, p => async {
         let mut tx = p.begin().await?;
@@ -222,7 +217,11 @@ pub(super) async fn report(
     let mut out = Vec::new();
     for (scope, trip, released) in scopes {
         let global = scope == GLOBAL;
-        let window = span_ms(if global { cfg.global.window } else { cfg.window });
+        let window = span_ms(if global {
+            cfg.global.window
+        } else {
+            cfg.window
+        });
         let mine = counted.iter().filter(|(o, _)| global || *o == scope);
         let (w, d) = (since(now, window, released), since(now, DAY_MS, released));
         let (mut in_window, mut in_day) = (0, 0);

@@ -7,7 +7,9 @@ use crate::store::{ConflictRecord, HistoryEntry, HistoryQuery, StoreError};
 
 type BindingRow = (String, String, String, i64, String);
 
-fn binding_from((tenant_id, object_id, address, at, how): BindingRow) -> Result<Binding, StoreError> {
+fn binding_from(
+    (tenant_id, object_id, address, at, how): BindingRow,
+) -> Result<Binding, StoreError> {
     Ok(Binding {
         tenant_id,
         object_id,
@@ -17,7 +19,8 @@ fn binding_from((tenant_id, object_id, address, at, how): BindingRow) -> Result<
     })
 }
 
-const BINDING_COLUMNS: &str = "SELECT tenant_id, object_id, address, bound_at, how FROM identity_bindings";
+const BINDING_COLUMNS: &str =
+    "SELECT tenant_id, object_id, address, bound_at, how FROM identity_bindings";
 
 /// The one binding matching `clause` (two parameters).
 pub(super) async fn binding_where(
@@ -66,7 +69,8 @@ pub(super) async fn bindings(
     let rows: Vec<BindingRow> = match filter {
         Some(f) => {
             let f = f.trim().to_ascii_lowercase();
-            let sql = format!("{BINDING_COLUMNS} WHERE object_id = $1 OR address = $1 ORDER BY address");
+            let sql =
+                format!("{BINDING_COLUMNS} WHERE object_id = $1 OR address = $1 ORDER BY address");
             on_pool!(store, p => sqlx::query_as(&sql).bind(&f).fetch_all(p).await)
         }
         None => {
@@ -92,7 +96,7 @@ pub(super) async fn record_conflict(
     .bind(c.tenant_id.as_str()).bind(c.object_id.as_str()).bind(&c.address).bind(&c.reason)
     .bind(others).bind(&c.detail).bind(ms(c.seen_at))
     .execute(p).await.map(|_| ()))
-    
+
     .map_err(|e| store.err(e))
 }
 
@@ -227,7 +231,8 @@ pub(super) async fn history(
         Some(_) => "(address = $1 OR upn = $1) AND at >= $2",
         None => "$1 = $1 AND at >= $2",
     };
-    let sql = format!("SELECT {HISTORY_COLUMNS} FROM history WHERE {filter} ORDER BY at DESC LIMIT $3");
+    let sql =
+        format!("SELECT {HISTORY_COLUMNS} FROM history WHERE {filter} ORDER BY at DESC LIMIT $3");
     let since = query.since.map(ms).unwrap_or(i64::MIN);
     let limit = i64::try_from(query.limit.max(1)).unwrap_or(i64::MAX);
     let rows: Vec<HistoryRow> = on_pool!(store, p => sqlx::query_as(&sql)
