@@ -129,14 +129,13 @@ async fn user_state_round_trips_under_one_normalized_key(b: &Backend) {
     );
     assert!(read.state.exemption_added);
     let other = (b.reopen)().await;
-    assert_eq!(
+    assert!(
         other
             .user(&key("t-1", "aaaa0000-0000-4000-8000-000000000001"))
             .await
             .unwrap()
             .state
             .exemption_added,
-        true,
         "another handle (process) reads the same row"
     );
     s.put_user(
