@@ -215,29 +215,38 @@ impl Store for SqlStore {
     }
 
     async fn user(&self, key: &UserKey) -> Result<UserRecord, StoreError> {
-        type Row = (Option<i64>, bool, Option<i64>);
-        type HeldRow = (String, i64, Option<i64>);
+        // One round trip on the hot path: the user's row, the imported legacy state (only
+        // looked at when there is no row) and a held deactivation, by primary keys.
+        type Row = (
+            Option<i64>,
+            Option<i64>,
+            Option<bool>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+        );
         let (t, u) = (key.tenant.as_str(), key.user.as_str());
-        let (row, legacy, held) = on_pool!(self, p => async {
-            let row: Option<Row> = sqlx::query_as(
-                "SELECT disabled_since, exemption_added, recheck_at FROM users \
-                 WHERE tenant_id = $1 AND user_id = $2",
+        let legacy_hash = legacy_key(key);
+        let (present, disabled, exemption, recheck, legacy, org, held_at, approved): Row =
+            on_pool!(self, p => sqlx::query_as(
+                "SELECT u.updated_at, u.disabled_since, u.exemption_added, u.recheck_at, \
+                        CASE WHEN u.updated_at IS NULL THEN \
+                            (SELECT state FROM legacy_users WHERE key_hash = $3) END, \
+                        h.org, h.held_at, h.approved_at \
+                 FROM (SELECT CAST($1 AS TEXT) AS tenant_id, CAST($2 AS TEXT) AS user_id) k \
+                 LEFT JOIN users u ON u.tenant_id = k.tenant_id AND u.user_id = k.user_id \
+                 LEFT JOIN breaker_held h ON h.tenant_id = k.tenant_id AND h.user_id = k.user_id",
             )
-            .bind(t).bind(u).fetch_optional(p).await?;
-            let legacy: Option<(String,)> = if row.is_none() {
-                sqlx::query_as("SELECT state FROM legacy_users WHERE key_hash = $1")
-                    .bind(legacy_key(key)).fetch_optional(p).await?
-            } else {
-                None
-            };
-            let held: Option<HeldRow> = sqlx::query_as(
-                "SELECT org, held_at, approved_at FROM breaker_held \
-                 WHERE tenant_id = $1 AND user_id = $2",
-            )
-            .bind(t).bind(u).fetch_optional(p).await?;
-            Ok::<_, sqlx::Error>((row, legacy, held))
-        }.await)
-        .map_err(|e| self.err(e))?;
+            .bind(t).bind(u).bind(&legacy_hash).fetch_one(p).await)
+            .map_err(|e| self.err(e))?;
+        let row = present.map(|_| (disabled, exemption.unwrap_or(false), recheck));
+        let legacy = legacy.map(|json| (json,));
+        let held = match (org, held_at) {
+            (Some(org), Some(held_at)) => Some((org, held_at, approved)),
+            _ => None,
+        };
         let state = match (row, legacy) {
             (Some((disabled, exemption_added, recheck)), _) => UserState {
                 disabled_since: opt_time("users.disabled_since", disabled)?,
