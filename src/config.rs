@@ -20,6 +20,8 @@ use crate::message::{Signer, Verifier};
 use crate::proofpoint::OrgAccess;
 use crate::queue::QueueSettings;
 
+mod load_error;
+
 /// The top-level sections; environment variables outside them are ignored (so that
 /// `FLAGRELAY_CONFIG` or test variables do not trip the unknown-key check).
 const SECTIONS: &[&str] = &[
@@ -35,12 +37,14 @@ const SECTIONS: &[&str] = &[
     "log",
     "admin",
     "state",
+    "network",
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// Told without source excerpts or secret values: see [`load_error`].
     #[error("configuration could not be read: {0}")]
-    Load(#[from] Box<figment::Error>),
+    Load(String),
     #[error("invalid configuration value for `{key}`: {reason}")]
     Invalid { key: String, reason: String },
     #[error("could not read `{key}` from file {path}: {source}")]
@@ -74,6 +78,17 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub state: StateConfig,
+    pub network: NetworkConfig,
+}
+
+/// How flagrelay may reach the outside services.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Host names that may be reached over plain `http://` besides loopback (e.g. `sim`, the
+    /// simulators on a private compose network). Every other URL must be `https://`: the
+    /// client secret, the Proofpoint password and the directory data travel on them.
+    pub plain_http_hosts: Vec<String>,
 }
 
 /// Where flagrelay keeps what must survive processes, hosts and restarts (the breaker's
@@ -582,7 +597,9 @@ impl Config {
     }
 
     fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
-        let mut cfg: Config = fig.extract().map_err(Box::new)?;
+        let mut cfg: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Load(load_error::describe(e)))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -625,11 +642,12 @@ impl Config {
             return Err(invalid("state.max_connections", "must be at least 1"));
         }
 
-        require_http("graph.authority_url", &self.graph.authority_url)?;
-        require_http("graph.api_url", &self.graph.api_url)?;
-        require_http("proofpoint.base_url", &self.proofpoint.base_url)?;
+        let plain = &self.network.plain_http_hosts;
+        require_http("graph.authority_url", &self.graph.authority_url, plain)?;
+        require_http("graph.api_url", &self.graph.api_url, plain)?;
+        require_http("proofpoint.base_url", &self.proofpoint.base_url, plain)?;
         if let Some(u) = &self.receiver.public_url {
-            require_http("receiver.public_url", u)?;
+            require_http("receiver.public_url", u, plain)?;
         }
         if self.graph.client_id.trim().is_empty() {
             return Err(invalid(
@@ -698,7 +716,11 @@ impl Config {
                 )?;
             }
             if let Some(u) = &t.proofpoint_base_url {
-                require_http(&format!("tenants[{i}].proofpoint_base_url"), u)?;
+                require_http(
+                    &format!("tenants[{i}].proofpoint_base_url"),
+                    u,
+                    &self.network.plain_http_hosts,
+                )?;
             }
             if t.proofpoint_username.is_some() != t.proofpoint_password.is_some() {
                 return Err(invalid(
@@ -903,11 +925,32 @@ fn resolve_secret(
     }
 }
 
-fn require_http(key: &str, url: &Url) -> Result<(), ConfigError> {
-    if matches!(url.scheme(), "http" | "https") && url.has_host() {
-        Ok(())
-    } else {
-        Err(invalid(key, format!("must be an http(s) URL, got {url}")))
+fn require_http(key: &str, url: &Url, plain_ok: &[String]) -> Result<(), ConfigError> {
+    if !url.has_host() || !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(key, format!("must be an http(s) URL, got {url}")));
+    }
+    if url.scheme() == "http" && !plain_http_allowed(url, plain_ok) {
+        return Err(invalid(
+            key,
+            format!(
+                "must be https:// (plain http:// only to loopback or a host listed in \
+                 network.plain_http_hosts), got {url}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Plain http is allowed to loopback (`localhost`, 127.0.0.0/8, ::1) and the listed hosts.
+fn plain_http_allowed(url: &Url, plain_ok: &[String]) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || plain_ok.iter().any(|h| h.eq_ignore_ascii_case(d))
+        }
+        None => false,
     }
 }
 
@@ -1011,6 +1054,37 @@ mod tests {
             ConfigError::Invalid { key, .. } => key,
             other => format!("{other}"),
         }
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_or_listed_hosts() {
+        let graph_api = |url: &str, network: &str| {
+            let toml = VALID.replace(
+                "[graph]\n",
+                &format!("[graph]\n        api_url = \"{url}\"\n"),
+            );
+            Config::from_toml_str(&format!("{toml}\n[network]\n{network}"))
+        };
+        for ok in [
+            "https://graph.microsoft.com/v1.0",
+            "http://127.0.0.1:9100/v1.0",
+            "http://[::1]:9100/v1.0",
+            "http://localhost:9100/v1.0",
+        ] {
+            assert!(graph_api(ok, "").is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://graph.microsoft.com/v1.0",
+            "http://10.0.0.5/v1.0",
+            "http://sim:9100/v1.0",
+        ] {
+            assert_eq!(
+                key_of(graph_api(refused, "").unwrap_err()),
+                "graph.api_url",
+                "{refused}"
+            );
+        }
+        assert!(graph_api("http://sim:9100/v1.0", "plain_http_hosts = [\"sim\"]").is_ok());
     }
 
     #[test]

@@ -61,6 +61,7 @@ pub mod proofpoint;
 pub mod queue;
 pub mod receiver;
 pub mod reconciler;
+pub mod retry_after;
 pub mod scheduler;
 pub mod shutdown;
 pub mod sim;

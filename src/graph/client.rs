@@ -185,6 +185,10 @@ impl GraphClient {
             .timeout(s.request_timeout)
             .connect_timeout(s.request_timeout)
             .user_agent(concat!("flagrelay/", env!("CARGO_PKG_VERSION")))
+            // A redirect would re-send the client secret (token endpoint) or be trusted as
+            // user data from another origin (API). Graph does not redirect these calls: a 3xx
+            // is an error (`Rejected`), never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(GraphClientError::Http)?;
         Ok(Self {
@@ -310,7 +314,9 @@ impl GraphClient {
         let lifetime = answer
             .expires_in
             .seconds()
-            .map(Duration::from_secs)
+            // Entra tokens live about an hour; a hostile answer's huge number must not
+            // overflow the expiry arithmetic below, nor keep a token forever.
+            .map(|secs| Duration::from_secs(secs.min(MAX_TOKEN_LIFETIME.as_secs())))
             .ok_or_else(|| GraphError::Rejected {
                 status: 200,
                 body: "token answer without a usable expires_in".into(),
@@ -363,7 +369,8 @@ impl GraphClient {
 
     /// Hold every request for `tenant_id` back for `wait` (never shortening a longer hold).
     fn throttle(&self, tenant_id: &str, wait: Duration) {
-        let until = Instant::now() + wait;
+        let now = Instant::now();
+        let until = now.checked_add(wait).unwrap_or(now);
         let mut gates = self
             .throttled_until
             .lock()
@@ -711,6 +718,9 @@ impl GraphClient {
     }
 }
 
+/// The longest a token is cached, whatever `expires_in` said.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// Which endpoint answered: the token endpoint reports bad credentials as 400 or 401; delta
 /// queries report an expired or unknown token as 410 or a 4xx with a sync-state code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -814,17 +824,9 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// `Retry-After` as delta-seconds (Graph's form) or, leniently, an HTTP-date.
+/// `Retry-After` (Graph sends delta-seconds), clamped: see [`crate::retry_after`].
 fn parse_retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Option<Duration> {
-    let raw = header_str(headers, RETRY_AFTER.as_str())?.trim();
-    if let Ok(secs) = raw.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    if let Ok(secs) = raw.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).ok();
-    }
-    let at = DateTime::parse_from_rfc2822(raw).ok()?.with_timezone(&Utc);
-    Some((at - now).to_std().unwrap_or(Duration::ZERO))
+    crate::retry_after::parse(header_str(headers, RETRY_AFTER.as_str())?, now)
 }
 
 /// `GET /users/{id}/mailboxSettings?$select=userPurpose`.

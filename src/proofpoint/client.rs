@@ -273,15 +273,10 @@ fn transport_error(e: reqwest::Error) -> PpError {
     }
 }
 
-/// `Retry-After` as delta-seconds or an HTTP date (Proofpoint has not been seen to send one).
+/// `Retry-After` (Proofpoint has not been seen to send one), clamped: see
+/// [`crate::retry_after`].
 fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
-    let s = v.to_str().ok()?.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(s).ok()?;
-    let delta = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(delta.to_std().unwrap_or(Duration::ZERO))
+    crate::retry_after::parse(v.to_str().ok()?, chrono::Utc::now())
 }
 
 /// The error message(s) in a body, whatever its shape: the batch shape

@@ -500,27 +500,17 @@ fn scope_follows_the_api_cloud() {
 }
 
 #[test]
-fn retry_after_accepts_seconds_and_http_dates() {
-    let now = Utc::now();
-    let parse = |v: &str| {
-        let mut h = HeaderMap::new();
-        h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
-        parse_retry_after(&h, now)
-    };
-    assert_eq!(parse("12"), Some(Duration::from_secs(12)));
-    assert_eq!(parse(" 1.5 "), Some(Duration::from_millis(1500)));
-    let date = (now + TimeDelta::seconds(30))
-        .to_rfc2822()
-        .replace("+0000", "GMT");
-    let d = parse(&date).unwrap();
-    assert!(
-        d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
-        "{d:?}"
+fn retry_after_is_read_from_the_header_and_clamped() {
+    let mut h = HeaderMap::new();
+    assert_eq!(parse_retry_after(&h, Utc::now()), None);
+    h.insert(
+        RETRY_AFTER,
+        HeaderValue::from_static("99999999999999999999"),
     );
-    assert_eq!(parse("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
-    assert_eq!(parse("soon"), None);
-    assert_eq!(parse("-3"), None);
-    assert_eq!(parse_retry_after(&HeaderMap::new(), now), None);
+    assert_eq!(
+        parse_retry_after(&h, Utc::now()),
+        Some(crate::retry_after::MAX)
+    );
 }
 
 #[test]
@@ -1239,5 +1229,84 @@ async fn subscriptions_are_renewed_reauthorized_and_deleted() {
     assert!(
         matches!(err, GraphError::Rejected { status: 400, .. }),
         "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_is_clamped_and_never_panics() {
+    let f = fixture().await;
+    f.sim.throttle_next(1, Some(u64::MAX));
+    let err = f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+    assert_eq!(err.retry_after(), Some(crate::retry_after::MAX), "{err:?}");
+    // The tenant's hold is the clamped wait: the next call is refused locally, no panic.
+    let err = f.client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+    assert!(
+        matches!(err, GraphError::Throttled { retry_after: Some(left), .. } if left <= crate::retry_after::MAX),
+        "{err:?}"
+    );
+}
+
+/// A server that answers every request with `status` and `Location: {to}`.
+async fn redirector(status: u16, to: String) -> Url {
+    use axum::http::{StatusCode, header::LOCATION};
+    let app = axum::Router::new().fallback(move || {
+        let to = to.clone();
+        async move { (StatusCode::from_u16(status).unwrap(), [(LOCATION, to)]) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/").parse().unwrap()
+}
+
+#[tokio::test]
+async fn redirects_are_never_followed_so_the_secret_stays_home() {
+    // The origin a redirect points at: it records every request it gets.
+    let f = fixture().await;
+    let before = f.sim.request_log().len();
+    let elsewhere = format!("{}{TENANT}/oauth2/v2.0/token", f.server.authority_url());
+    for status in [301, 302, 307, 308] {
+        let authority = redirector(status, elsewhere.clone()).await;
+        let client = GraphClient::from_settings(GraphClientSettings {
+            authority_url: authority,
+            api_url: f.server.api_url(),
+            client_id: APP.into(),
+            client_secret: SecretString::from(SECRET),
+            request_timeout: Duration::from_secs(5),
+            reads_in_flight: 0,
+        })
+        .unwrap();
+        let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+        assert!(
+            matches!(err, GraphError::Rejected { status: s, .. } if s == status),
+            "{status}: {err:?}"
+        );
+    }
+    // A redirected API answer is not taken as user data either.
+    let api = redirector(302, format!("{}users/{ALICE}", f.server.api_url())).await;
+    let client = GraphClient::from_settings(GraphClientSettings {
+        authority_url: f.server.authority_url(),
+        api_url: api,
+        client_id: APP.into(),
+        client_secret: SecretString::from(SECRET),
+        request_timeout: Duration::from_secs(5),
+        reads_in_flight: 0,
+    })
+    .unwrap();
+    let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
+    assert!(
+        matches!(err, GraphError::Rejected { status: 302, .. }),
+        "{err:?}"
+    );
+    let tokens = f
+        .sim
+        .request_log()
+        .iter()
+        .skip(before)
+        .filter(|r| r.path.ends_with("/token"))
+        .count();
+    assert_eq!(
+        tokens, 1,
+        "only the last client's own token request reached Graph"
     );
 }
