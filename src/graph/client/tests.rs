@@ -1259,6 +1259,18 @@ async fn redirector(status: u16, to: String) -> Url {
     format!("http://{addr}/").parse().unwrap()
 }
 
+fn client_at(authority_url: Url, api_url: Url) -> GraphClient {
+    GraphClient::from_settings(GraphClientSettings {
+        authority_url,
+        api_url,
+        client_id: APP.into(),
+        client_secret: SecretString::from(SECRET),
+        request_timeout: Duration::from_secs(5),
+        reads_in_flight: 0,
+    })
+    .unwrap()
+}
+
 #[tokio::test]
 async fn redirects_are_never_followed_so_the_secret_stays_home() {
     // The origin a redirect points at: it records every request it gets.
@@ -1267,15 +1279,7 @@ async fn redirects_are_never_followed_so_the_secret_stays_home() {
     let elsewhere = format!("{}{TENANT}/oauth2/v2.0/token", f.server.authority_url());
     for status in [301, 302, 307, 308] {
         let authority = redirector(status, elsewhere.clone()).await;
-        let client = GraphClient::from_settings(GraphClientSettings {
-            authority_url: authority,
-            api_url: f.server.api_url(),
-            client_id: APP.into(),
-            client_secret: SecretString::from(SECRET),
-            request_timeout: Duration::from_secs(5),
-            reads_in_flight: 0,
-        })
-        .unwrap();
+        let client = client_at(authority, f.server.api_url());
         let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
         assert!(
             matches!(err, GraphError::Rejected { status: s, .. } if s == status),
@@ -1284,15 +1288,7 @@ async fn redirects_are_never_followed_so_the_secret_stays_home() {
     }
     // A redirected API answer is not taken as user data either.
     let api = redirector(302, format!("{}users/{ALICE}", f.server.api_url())).await;
-    let client = GraphClient::from_settings(GraphClientSettings {
-        authority_url: f.server.authority_url(),
-        api_url: api,
-        client_id: APP.into(),
-        client_secret: SecretString::from(SECRET),
-        request_timeout: Duration::from_secs(5),
-        reads_in_flight: 0,
-    })
-    .unwrap();
+    let client = client_at(f.server.authority_url(), api);
     let err = client.get_user(TENANT, ALICE, &["id"]).await.unwrap_err();
     assert!(
         matches!(err, GraphError::Rejected { status: 302, .. }),
