@@ -57,7 +57,7 @@ mod export {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, Layer};
+    use tracing_subscriber::Layer;
 
     use crate::config::LogConfig;
     use crate::message::TraceContext;
@@ -90,9 +90,7 @@ mod export {
         let tracer = provider.tracer("flagrelay");
         let _ = PROVIDER.set(provider);
 
-        let filter = EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::try_new(&cfg.filter))
-            .unwrap_or_else(|_| EnvFilter::new("info"));
+        let filter = crate::telemetry::log_filter(cfg);
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         let fmt = if cfg.format == "json" {
             fmt.json().flatten_event(true).boxed()
@@ -105,6 +103,7 @@ mod export {
             .with_tracer(tracer)
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
         tracing_subscriber::registry()
+            .with(crate::telemetry::quiet_dependencies())
             .with(fmt.with_filter(filter))
             .with(spans)
             .try_init()

@@ -19,7 +19,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::queue::Depths;
 use status::{BreakerView, Readiness, Status};
@@ -32,18 +34,57 @@ pub fn init(cfg: &LogConfig) {
     if crate::otlp::init(cfg) {
         return;
     }
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests, `demo` inside a process that already logs) is harmless.
-    let _ = if cfg.format == "json" {
-        builder.json().flatten_event(true).try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if cfg.format == "json" {
+        fmt.json().flatten_event(true).boxed()
     } else {
-        builder.compact().try_init()
+        fmt.compact().boxed()
     };
+    // A second init (tests, `demo` inside a process that already logs) is harmless.
+    let _ = tracing_subscriber::registry()
+        .with(quiet_dependencies())
+        .with(fmt.with_filter(log_filter(cfg)))
+        .try_init();
+}
+
+/// The configured filter (`log.filter`), unless `RUST_LOG` is set; `info` if neither parses.
+pub(crate) fn log_filter(cfg: &LogConfig) -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Crates whose debug and trace output carries credentials: lapin and amq-protocol print the
+/// AMQP login frame (user and password), h2/hyper/reqwest print request headers (bearer
+/// tokens, Proofpoint's `X-Password`), sqlx the connection. They never log below `info`,
+/// whatever the filter says (a lower filter still quiets them further).
+const CREDENTIAL_LOGGERS: &[&str] = &[
+    "lapin",
+    "amq_protocol",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "sqlx",
+    "rustls",
+    "native_tls",
+];
+
+/// The global filter that keeps [`CREDENTIAL_LOGGERS`] at `info` or above.
+pub(crate) fn quiet_dependencies<S>() -> impl Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber,
+{
+    tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() <= tracing::Level::INFO || !is_credential_logger(meta.target())
+    })
+}
+
+fn is_credential_logger(target: &str) -> bool {
+    let krate = target.split("::").next().unwrap_or(target);
+    CREDENTIAL_LOGGERS
+        .iter()
+        .any(|c| krate == *c || krate.starts_with(&format!("{c}_")))
 }
 
 /// Label of the notifications rejected by the receiver.

@@ -21,4 +21,5 @@ mod rabbit_node;
 mod receiver;
 mod reconcile;
 mod schemas;
+mod secrets_in_logs;
 mod store_conformance;

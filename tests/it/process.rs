@@ -11,7 +11,7 @@ use crate::support::{ORG, TENANT, change_notification, eventually};
 
 /// A configuration file for the real binary, pointing at `sandbox`, with the admin listener
 /// on `admin`; `extra` is appended (more sections, e.g. `[amqp]`).
-fn config_file(sandbox: &Sandbox, listen: &str, admin: &str, extra: &str) -> String {
+pub(crate) fn config_file(sandbox: &Sandbox, listen: &str, admin: &str, extra: &str) -> String {
     let c = &sandbox.config;
     let policy = c
         .policy
@@ -253,7 +253,7 @@ impl Proc {
 }
 
 /// Wait until `url` answers 200.
-async fn wait_ready(url: &str) {
+pub(crate) async fn wait_ready(url: &str) {
     let client = reqwest::Client::new();
     let ready = eventually_async(Duration::from_secs(30), || async {
         client
