@@ -99,9 +99,15 @@ fn raw(item: &serde_json::Value) -> Result<RawItem, ItemError> {
     RawItem::deserialize(item).map_err(|_| ItemError::Malformed)
 }
 
+/// A GUID, a UPN or a tenant domain: letters, digits and `-_.@`, and no path syntax (`.`,
+/// `..`, a leading or trailing dot, two dots in a row), which would otherwise travel on to
+/// Graph paths and only fail (and alert) at the worker.
 fn plausible_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && !id.ends_with('.')
+        && !id.contains("..")
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
@@ -306,6 +312,19 @@ mod tests {
             edit(&mut item);
             assert_eq!(parse_change(&item), Err(expected), "{item}");
         }
+        // Path syntax in an id, by resource or by resourceData.id: refused at the edge.
+        for id in ["..", ".", "a..b", ".hidden", "trailing.", "a/b"] {
+            let mut item = documented();
+            item["resourceData"].as_object_mut().unwrap().remove("id");
+            item["resource"] = json!(format!("Users/{id}"));
+            assert_eq!(parse_change(&item), Err(ItemError::BadIdentifier), "{id}");
+            let mut item = documented();
+            item["resourceData"]["id"] = json!(id);
+            assert_eq!(parse_change(&item), Err(ItemError::BadIdentifier), "{id}");
+        }
+        let mut item = documented();
+        item["resourceData"]["id"] = json!("alice.smith@contoso.com");
+        assert!(parse_change(&item).is_ok(), "dots inside a UPN are fine");
         assert_eq!(
             parse_change(&json!("just a string")),
             Err(ItemError::Malformed)

@@ -55,9 +55,9 @@ mod export {
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use tracing::Span;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
 
     use crate::config::LogConfig;
     use crate::message::TraceContext;

@@ -20,6 +20,12 @@
 //! | policy file with errors                 | start refused (exit 2, line named); on SIGHUP the | `process::a_broken_policy_file_…`, `policy::an_invalid_policy_on_reload_…` |
 //! |                                         | old policy stays                                  |      |
 //! | any input to the parsers                | never a panic; precise rejection                  | `properties` (proptest) |
+//! | user id with path syntax (`Users/..`)   | item dropped as `bad_identifier` at the receiver  | `flagrelay::notification` unit tests |
+//! | huge `Retry-After` / `expires_in`       | clamped (10 min / 24 h), no overflow panic        | `flagrelay::retry_after` (proptest), graph client tests |
+//! | redirect from Graph (token or API)      | not followed: error, the secret stays home        | graph client `redirects_are_never_followed_…` |
+//! | plain `http://` to a non-loopback host  | configuration refused, key named                  | config `plain_http_only_to_loopback_…` |
+//! | TOML error on a secret's line           | key, file and line named; value never shown       | config `load_error` tests |
+//! | `log.filter = "trace"`                  | no secret in any command's output                 | `secrets_in_logs::no_command_prints_a_secret_even_at_trace` |
 //!
 //! After every one of these the process keeps serving: each test ends with a valid request
 //! or message that still goes through.
