@@ -90,6 +90,14 @@ pub enum Command {
     /// the simulators, the drift sweep (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Probe a process's admin listener (`/healthz`): exit 0 when it answers 2xx, else 1.
+    /// The container image's HEALTHCHECK (the image has no curl).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: url::Url,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -308,6 +316,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             }
             Err(code) => return code,
         },
+        Command::Healthcheck { url, timeout } => return healthcheck(url, timeout).await,
         Command::CheckConfig => match load_with_policy(cli.config.as_deref()) {
             Ok(cfg) => {
                 println!("configuration is valid:\n{cfg:#?}");
@@ -332,6 +341,28 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "flagrelay stopped with an error");
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn healthcheck(url: url::Url, timeout: std::time::Duration) -> ExitCode {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build();
+    let answer = match client {
+        Ok(c) => c.get(url.clone()).send().await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("unhealthy: {url} answered {}", r.status());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {url}: {e}");
             ExitCode::FAILURE
         }
     }

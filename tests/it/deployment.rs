@@ -308,6 +308,24 @@ fn the_image_is_multi_stage_non_root_and_health_checked() {
         health.contains(":9090/healthz"),
         "probes the admin listener: {health}"
     );
+    assert!(
+        health.contains("\"flagrelay\", \"healthcheck\""),
+        "probes with the binary itself: {health}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("curl")),
+        "no curl in the image"
+    );
+    assert!(
+        !dockerfile.starts_with("# syntax="),
+        "no frontend image pulled at build time"
+    );
+    assert!(
+        read(".dockerignore")
+            .lines()
+            .any(|l| l.trim() == "secrets/"),
+        "secrets/ stays out of the build context"
+    );
     let exposed: BTreeSet<&str> = lines
         .iter()
         .filter_map(|l| l.strip_prefix("EXPOSE "))

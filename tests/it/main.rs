@@ -11,6 +11,7 @@ mod contracts;
 mod deployment;
 mod faults;
 mod hostile;
+mod image;
 mod outages;
 mod pipeline;
 mod policy;
