@@ -17,7 +17,7 @@ use crate::support::{ORG, PgDatabase, TENANT, pg_admin_url};
 
 /// Limits so high only the store can stop a deactivation.
 fn open_breaker() -> String {
-    mirror_policy(1_000_000, 1_000_000)
+    mirror_policy(100_000, 100_000)
 }
 
 /// Sum of a metric over every worker.
