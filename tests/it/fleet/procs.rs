@@ -180,27 +180,33 @@ impl Fleet {
         self.workers.push(w);
     }
 
-    /// `flagrelay breaker status --json` against the fleet's store.
+    /// `flagrelay breaker status --json` against the fleet's store (retried a few times: on
+    /// a loaded machine a connection can take longer than the workers' acquire timeout).
     pub async fn breaker_status(&self) -> serde_json::Value {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flagrelay"));
-        cmd.args([
-            "--config",
-            self.config.to_str().unwrap(),
-            "breaker",
-            "status",
-            "--json",
-        ])
-        .env("RUST_LOG", "error");
-        if let Some(url) = &self.state_url {
-            cmd.env("FLAGRELAY_STATE__URL", url);
+        let mut failure = String::new();
+        for _ in 0..5 {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flagrelay"));
+            cmd.args([
+                "--config",
+                self.config.to_str().unwrap(),
+                "breaker",
+                "status",
+                "--json",
+            ])
+            .env("RUST_LOG", "error")
+            .env("FLAGRELAY_STATE__ACQUIRE_TIMEOUT", "10s");
+            if let Some(url) = &self.state_url {
+                cmd.env("FLAGRELAY_STATE__URL", url);
+            }
+            let out = cmd.output().await.unwrap();
+            if out.status.success() {
+                return serde_json::from_slice(&out.stdout)
+                    .expect("breaker status --json prints JSON");
+            }
+            failure = String::from_utf8_lossy(&out.stderr).into_owned();
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let out = cmd.output().await.unwrap();
-        assert!(
-            out.status.success(),
-            "breaker status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("breaker status --json prints JSON")
+        panic!("breaker status failed: {failure}");
     }
 
     /// `count` users of `org` (in its tenant), active in Proofpoint and enabled in Graph.
