@@ -113,7 +113,7 @@ impl SqlStore {
         let mut wait = Duration::from_millis(200);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match store.ping().await {
+            match store.answers().await {
                 Ok(()) => break,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, "state store not reachable yet; retrying");
@@ -125,6 +125,12 @@ impl SqlStore {
         }
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The server answers (before the migrations: the tables may not exist yet).
+    async fn answers(&self) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))
+            .map_err(|e| self.err(e))
     }
 
     /// Apply the embedded migrations. PostgreSQL serializes concurrent starts with an
@@ -210,8 +216,22 @@ impl Store for SqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))
-            .map_err(|e| self.err(e))
+        // Read a row, not `SELECT 1`: that touches no page, so a corrupt SQLite file (or a
+        // dropped table) would still pass. The global breaker row is what every
+        // deactivation needs, and its trip must parse.
+        let trip: Option<(Option<String>,)> = on_pool!(self, p => sqlx::query_as(
+            "SELECT trip FROM breaker_scopes WHERE scope = 'global'",
+        )
+        .fetch_optional(p)
+        .await)
+        .map_err(|e| self.err(e))?;
+        match trip {
+            Some((trip,)) => breaker::parse_trip(trip.as_deref()).map(|_| ()),
+            None => Err(StoreError::Corrupt {
+                what: "breaker scope",
+                detail: "the global row is missing".into(),
+            }),
+        }
     }
 
     async fn user(&self, key: &UserKey) -> Result<UserRecord, StoreError> {

@@ -44,7 +44,7 @@ impl Scopes {
     }
 }
 
-fn parse_trip(json: Option<&str>) -> Result<Option<Trip>, StoreError> {
+pub(super) fn parse_trip(json: Option<&str>) -> Result<Option<Trip>, StoreError> {
     json.map(|j| {
         serde_json::from_str(j).map_err(|e| StoreError::Corrupt {
             what: "breaker trip",
