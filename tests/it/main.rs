@@ -22,3 +22,4 @@ mod receiver;
 mod reconcile;
 mod schemas;
 mod store_conformance;
+mod store_import;
