@@ -26,3 +26,4 @@ mod reconcile;
 mod schemas;
 mod secrets_in_logs;
 mod store_conformance;
+mod store_import;

@@ -500,7 +500,9 @@ impl PgDatabase {
                  (`bash .ci/run` installs and starts it), or point FLAGRELAY_TEST_PG_URL at one."
             )
         });
-        let name = unique_prefix(test).replace('-', "_").to_ascii_lowercase();
+        // PostgreSQL cuts names at 63 bytes: shorten the test's part, never the unique one.
+        let short: String = test.chars().take(32).collect();
+        let name = unique_prefix(&short).replace('-', "_").to_ascii_lowercase();
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut conn)
             .await
