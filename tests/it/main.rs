@@ -11,6 +11,8 @@ mod contracts;
 mod deployment;
 mod faults;
 mod hostile;
+mod identity;
+mod ids;
 mod outages;
 mod pipeline;
 mod policy;
