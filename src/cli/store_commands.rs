@@ -260,9 +260,10 @@ async fn accept(
             how: "accepted".into(),
         })
         .await?;
-    store
-        .wake(&UserKey::new(tenant, object.clone()), now)
-        .await?;
+    let key = UserKey::new(tenant, object.clone());
+    // Accepted: no longer waiting for an operator (a new conflict is recorded again).
+    store.clear_conflict(&key).await?;
+    store.wake(&key, now).await?;
     println!("bound {object} to {address}; the user is looked at again within seconds");
     Ok(())
 }

@@ -12,6 +12,8 @@ mod deployment;
 mod faults;
 mod fleet;
 mod hostile;
+mod identity;
+mod ids;
 mod image;
 mod outages;
 mod pg_node;
