@@ -279,9 +279,11 @@ impl App {
 
     /// The admin routes of a process playing `role`, for serving or for calling directly.
     pub fn admin_router(&self, role: Role) -> axum::Router {
+        let store = (role != Role::Serve).then(|| self.store.clone());
         crate::admin::router(crate::admin::AdminState {
             metrics: self.metrics.clone(),
             role: role.name(),
+            history: crate::admin::history::HistorySource::new(store),
         })
     }
 

@@ -156,6 +156,16 @@ pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Stri
         .ok_or_else(|| format!("`{text}` reaches too far back"))
 }
 
+/// The rule and the reason, the rule named once (the reason usually starts with it).
+pub fn why(e: &HistoryEntry) -> String {
+    match e.rule.as_deref() {
+        Some(rule) if !rule.is_empty() && !e.reason.starts_with(rule) => {
+            format!("{rule}: {}", e.reason)
+        }
+        _ => e.reason.clone(),
+    }
+}
+
 /// The table `flagrelay history` prints, newest first.
 pub fn render(entries: &[HistoryEntry]) -> String {
     if entries.is_empty() {
@@ -166,15 +176,7 @@ pub fn render(entries: &[HistoryEntry]) -> String {
         "when (UTC)", "origin", "user", "address", "result", "action", "rule / reason; writes"
     );
     for e in entries {
-        let mut why = e.rule.clone().unwrap_or_default();
-        if why.is_empty() || !e.reason.starts_with(&why) {
-            if !why.is_empty() {
-                why.push_str(": ");
-            }
-            why.push_str(&e.reason);
-        } else {
-            why = e.reason.clone();
-        }
+        let mut why = why(e);
         if !e.writes.is_empty() {
             why.push_str(&format!("; wrote: {}", e.writes.join(", ")));
         }

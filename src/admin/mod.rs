@@ -9,7 +9,10 @@
 //!
 //! - [`probe`]: the background checks.
 //! - [`page`]: the server-rendered status page (no JavaScript; every value escaped).
+//! - [`history`]: decisions from the store: every worker's on the page, one user's at
+//!   `/history?user=…` (the one route that reads the store per request, bounded).
 
+pub mod history;
 pub mod page;
 pub mod probe;
 
@@ -34,6 +37,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// `serve`, `work` or `run`: shown on the page.
     pub role: &'static str,
+    /// What `/history` reads.
+    pub history: history::HistorySource,
 }
 
 /// The admin routes.
@@ -43,6 +48,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/history", get(history::user_history))
         .with_state(state)
 }
 
@@ -93,32 +99,11 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn status_page(State(state): State<AdminState>) -> Response {
-    let html = page::render(
+    page::html(page::render(
         &state.metrics.status.snapshot(),
         state.role,
         chrono::Utc::now(),
-    );
-    (
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            ),
-            // The page is static HTML: forbid scripts and framing outright.
-            (
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(
-                    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
-                ),
-            ),
-            (
-                header::X_CONTENT_TYPE_OPTIONS,
-                HeaderValue::from_static("nosniff"),
-            ),
-        ],
-        html,
-    )
-        .into_response()
+    ))
 }
 
 #[cfg(test)]
@@ -151,6 +136,7 @@ mod tests {
         AdminState {
             metrics: Arc::new(Metrics::default()),
             role: "run",
+            history: history::HistorySource::new(None),
         }
     }
 

@@ -8,8 +8,11 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 
+use crate::store::HistoryEntry;
 use crate::telemetry::status::{Decision, Snapshot, TenantHealth};
 
 /// Seconds between the page's own refreshes.
@@ -37,15 +40,48 @@ pub fn escape(value: &str) -> String {
     out
 }
 
+/// The document's head and the opening `<body>`, refreshing itself every `refresh` seconds.
+pub(super) fn head(title: &str, refresh: Option<u32>) -> String {
+    let refresh = refresh.map_or_else(String::new, |secs| {
+        format!("<meta http-equiv=\"refresh\" content=\"{secs}\">")
+    });
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}\
+         <title>flagrelay {}</title><style>{STYLE}</style></head><body>\n",
+        escape(title)
+    )
+}
+
+/// An HTML answer, with a CSP that forbids scripts and framing outright.
+pub(super) fn html(body: String) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+                ),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 /// The whole page.
 pub fn render(s: &Snapshot, role: &str, now: DateTime<Utc>) -> String {
-    let mut h = String::new();
+    let mut h = head("status", Some(REFRESH_SECS));
     let _ = write!(
         h,
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">\
-         <title>flagrelay status</title><style>{STYLE}</style></head><body>\n\
-         <h1>flagrelay status</h1>\n<p>Role: {} · Leader: {} · Version {} · {}</p>\n",
+        "<h1>flagrelay status</h1>\n<p>Role: {} · Leader: {} · Version {} · {}</p>\n",
         escape(role),
         if s.leader { "yes" } else { "no" },
         env!("CARGO_PKG_VERSION"),
@@ -55,7 +91,10 @@ pub fn render(s: &Snapshot, role: &str, now: DateTime<Utc>) -> String {
     queues(&mut h, s);
     breaker(&mut h, s, now);
     tenants(&mut h, s, now);
-    decisions(&mut h, &s.recent, now);
+    match &s.fleet {
+        Some(fleet) => fleet_decisions(&mut h, fleet, now),
+        None => decisions(&mut h, &s.recent, now),
+    }
     h.push_str("</body></html>\n");
     h
 }
@@ -198,8 +237,26 @@ fn delta_cell(t: &TenantHealth, now: DateTime<Utc>) -> String {
     cell
 }
 
+/// Every worker's newest decisions, from the state store; each user links to its history.
+fn fleet_decisions(h: &mut String, fleet: &[HistoryEntry], now: DateTime<Utc>) {
+    h.push_str(
+        "<h2>Recent decisions</h2>\n<p class=\"muted\">Of every worker, from the state store. \
+         A user's whole history: <code>/history?user=ID|UPN|ADDRESS</code> or \
+         <code>flagrelay history --user …</code>.</p>\n",
+    );
+    if fleet.is_empty() {
+        h.push_str("<p class=\"muted\">None recorded yet.</p>\n");
+        return;
+    }
+    super::history::table(h, "decisions", fleet, now, false);
+}
+
+/// This process's own newest decisions: what is left when the store was not read.
 fn decisions(h: &mut String, recent: &[Decision], now: DateTime<Utc>) {
-    h.push_str("<h2>Recent decisions</h2>\n");
+    h.push_str(
+        "<h2>Recent decisions</h2>\n<p class=\"muted\">Of this process only: the state \
+         store was not read (a receiver-only role, or the store does not answer).</p>\n",
+    );
     if recent.is_empty() {
         h.push_str("<p class=\"muted\">None since this process started.</p>\n");
         return;
@@ -234,7 +291,7 @@ fn decisions(h: &mut String, recent: &[Decision], now: DateTime<Utc>) {
 }
 
 /// `2026-11-23 10:00:01 UTC (12s ago)` / `(in 3d)`.
-fn when(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
+pub(super) fn when(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let stamp = at.format("%Y-%m-%d %H:%M:%S UTC");
     let delta = now - at;
     let (secs, future) = if delta < chrono::Duration::zero() {
@@ -363,6 +420,23 @@ mod tests {
         ] {
             assert!(html.contains(expected), "missing {expected:?} in {html}");
         }
+    }
+
+    #[test]
+    fn the_decisions_of_every_worker_come_from_the_store_when_it_was_read() {
+        let now = Utc::now();
+        let mut s = snapshot(now);
+        s.fleet = Some(vec![crate::admin::history::tests::entry(now)]);
+        let html = render(&s, "work", now);
+        assert!(
+            html.contains("Of every worker, from the state store"),
+            "{html}"
+        );
+        assert!(html.contains("host-a:4242"), "{html}");
+        assert!(html.contains("/history?user="), "{html}");
+        assert!(!html.contains("<script"), "{html}");
+        let html = render(&snapshot(now), "work", now);
+        assert!(html.contains("Of this process only"), "{html}");
     }
 
     #[test]

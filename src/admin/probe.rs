@@ -1,4 +1,5 @@
-//! The background checks behind `/readyz`, the depth and breaker gauges and the status page.
+//! The background checks behind `/readyz`, the depth and breaker gauges and the status page
+//! (whose recent decisions of all workers are read from the store here, not per request).
 //!
 //! Run on an interval (`admin.check_every`), never per request: a load balancer or a scrape
 //! must not turn into a token request to Entra or a call to Proofpoint. Each round records
@@ -14,9 +15,9 @@ use crate::graph::GraphApi;
 use crate::policy::SharedPolicy;
 use crate::proofpoint::{OrgAccess, ProofpointApi};
 use crate::queue::Queue;
-use crate::store::Store;
+use crate::store::{HistoryEntry, HistoryQuery, Store};
 use crate::telemetry::Metrics;
-use crate::telemetry::status::{BreakerView, Check, Readiness};
+use crate::telemetry::status::{BreakerView, Check, RECENT_DECISIONS, Readiness};
 
 /// Longest a single check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,6 +118,9 @@ impl Probe {
                 Err(_) => None,
             };
             self.metrics.set_breaker(breaker);
+            self.metrics
+                .status
+                .set_fleet(fleet_recent(store.as_ref()).await);
         }
     }
 
@@ -144,6 +148,23 @@ async fn store_check(store: &dyn Store) -> Check {
         Err(_) => vec![format!("no answer in {CHECK_TIMEOUT:?}")],
     };
     verdict("store", failures)
+}
+
+/// The newest decisions of every worker (the status page's table), `None` when the store
+/// does not answer: the page then says so instead of showing only this process's.
+async fn fleet_recent(store: &dyn Store) -> Option<Vec<HistoryEntry>> {
+    let query = HistoryQuery {
+        limit: RECENT_DECISIONS,
+        ..HistoryQuery::default()
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, store.history(&query)).await {
+        Ok(Ok(entries)) => Some(entries),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not read the recent decisions from the store");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// A token for every tenant: the cached one, or a fresh one from the authority.

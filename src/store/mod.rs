@@ -68,6 +68,8 @@ pub struct UserState {
 pub struct UserRecord {
     pub state: UserState,
     pub held: Option<Held>,
+    /// An identity conflict is recorded for this user (listed for the operator).
+    pub conflicted: bool,
 }
 
 /// A deactivation the breaker holds until an operator releases it.

@@ -246,18 +246,21 @@ impl Store for SqlStore {
             Option<String>,
             Option<i64>,
             Option<i64>,
+            Option<i64>,
         );
         let (t, u) = (key.tenant.as_str(), key.user.as_str());
         let legacy_hash = legacy_key(key);
-        let (present, disabled, exemption, recheck, legacy, org, held_at, approved): Row =
+        let (present, disabled, exemption, recheck, legacy, org, held_at, approved, conflict): Row =
             on_pool!(self, p => sqlx::query_as(
                 "SELECT u.updated_at, u.disabled_since, u.exemption_added, u.recheck_at, \
                         CASE WHEN u.updated_at IS NULL THEN \
                             (SELECT state FROM legacy_users WHERE key_hash = $3) END, \
-                        h.org, h.held_at, h.approved_at \
+                        h.org, h.held_at, h.approved_at, c.seen_at \
                  FROM (SELECT CAST($1 AS TEXT) AS tenant_id, CAST($2 AS TEXT) AS user_id) k \
                  LEFT JOIN users u ON u.tenant_id = k.tenant_id AND u.user_id = k.user_id \
-                 LEFT JOIN breaker_held h ON h.tenant_id = k.tenant_id AND h.user_id = k.user_id",
+                 LEFT JOIN breaker_held h ON h.tenant_id = k.tenant_id AND h.user_id = k.user_id \
+                 LEFT JOIN identity_conflicts c \
+                      ON c.tenant_id = k.tenant_id AND c.object_id = k.user_id",
             )
             .bind(t).bind(u).bind(&legacy_hash).fetch_one(p).await)
             .map_err(|e| self.err(e))?;
@@ -291,7 +294,11 @@ impl Store for SqlStore {
             }),
             None => None,
         };
-        Ok(UserRecord { state, held })
+        Ok(UserRecord {
+            state,
+            held,
+            conflicted: conflict.is_some(),
+        })
     }
 
     async fn put_user(

@@ -108,6 +108,9 @@ pub struct Snapshot {
     pub breaker: Option<BreakerView>,
     /// `None` until read (or when the broker could not be asked).
     pub depths: Option<Depths>,
+    /// The newest decisions of every worker, read from the state store by the probe;
+    /// `None` until read, when the store could not be read, or in a role without a store.
+    pub fleet: Option<Vec<crate::store::HistoryEntry>>,
 }
 
 /// The shared, lock-protected status. Every method holds the lock only to copy or write.
@@ -147,6 +150,10 @@ impl Status {
 
     pub(super) fn set_breaker(&self, breaker: Option<BreakerView>) {
         self.lock().breaker = breaker;
+    }
+
+    pub fn set_fleet(&self, fleet: Option<Vec<crate::store::HistoryEntry>>) {
+        self.lock().fleet = fleet;
     }
 
     /// Leading or not; losing the lease forgets the leader's per-tenant view, so a former

@@ -194,6 +194,7 @@ impl Worker {
             return store_failure(e);
         }
         let mut detail = detail_of(&eval, &g.address, g.proofpoint.is_active, g.exempt);
+        detail.upn = g.user.user_principal_name.clone();
         let total = if eval.plan.deactivates() {
             self.org_size(&org.access).await
         } else {
@@ -209,6 +210,13 @@ impl Worker {
         };
         match apply(&fx, key, &g, &eval, total, now).await {
             Ok(Applied::Written { writes }) => {
+                // Whatever was in conflict is settled: the writes passed the identity
+                // check, or the user no longer needs any. The operator's list follows.
+                if record.conflicted
+                    && let Err(e) = store.clear_conflict(key).await
+                {
+                    tracing::warn!(error = %e, "could not clear a settled identity conflict");
+                }
                 detail.writes = writes;
                 written(&eval, detail)
             }
@@ -325,6 +333,7 @@ fn detail_of(eval: &Evaluation, address: &str, active: bool, exempt: Option<bool
             exempt
         },
         writes: Vec::new(),
+        upn: None,
     }
 }
 

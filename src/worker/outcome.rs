@@ -43,6 +43,8 @@ pub enum Outcome {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Detail {
     pub address: Option<String>,
+    /// The user's UPN as Graph answered it (so `history --user UPN` finds the entry).
+    pub upn: Option<String>,
     pub action: Option<String>,
     pub reason: String,
     pub was_active: Option<bool>,

@@ -59,7 +59,7 @@ impl Worker {
             at: now,
             tenant_id: cause.tenant_id.clone(),
             user_id: cause.user_id.clone(),
-            upn: None,
+            upn: d.upn.as_deref().map(str::to_ascii_lowercase),
             address: d.address.clone(),
             origin,
             result: outcome.result().to_owned(),

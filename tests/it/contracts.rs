@@ -883,7 +883,10 @@ async fn openapi_admin_paths_are_what_the_admin_listener_answers() {
         flagrelay::app::Role::Run,
     ] {
         let checked = check_openapi_paths("admin", t.app.admin_router(role)).await;
-        assert_eq!(checked, 4, "{role:?}: /, /healthz, /readyz, /metrics");
+        assert_eq!(
+            checked, 5,
+            "{role:?}: /, /healthz, /readyz, /metrics, /history"
+        );
     }
     t.stop().await;
 }

@@ -405,6 +405,59 @@ async fn an_address_outside_the_org_domains_is_refused() {
     t.stop().await;
 }
 
+/// A conflict the directory itself resolves (the address is corrected, the next evaluation
+/// writes) leaves the operator's list: only what still waits for a decision is listed.
+#[tokio::test]
+async fn a_conflict_the_directory_resolves_leaves_the_operators_list() {
+    let t = TestApp::start("id-resolved", Options::default()).await;
+    let mut capture = Capture::start(&t, "events", "decision.#").await;
+    let bob = partner_user(&t);
+    conflict_event(&mut capture, &bob.id).await;
+    let store = t.app.store().await.unwrap();
+    assert_eq!(
+        store.conflicts().await.unwrap().len(),
+        1,
+        "listed while it waits"
+    );
+    let fixed = SeededUser {
+        address: format!("bob@{ORG}"),
+        ..bob.clone()
+    };
+    t.sandbox
+        .proofpoint
+        .upsert_user(
+            ORG,
+            PpUser {
+                primary_email: fixed.address.clone(),
+                user_type: Some("end_user".into()),
+                is_active: true,
+                other: Default::default(),
+            },
+        )
+        .unwrap();
+    t.sandbox
+        .graph
+        .update_user(TENANT, &bob.id, |u| {
+            u.mail = Some(fixed.address.clone());
+            u.user_principal_name = Some(fixed.address.clone());
+            u.proxy_addresses = Some(vec![format!("SMTP:{}", fixed.address)]);
+        })
+        .unwrap();
+    assert!(
+        eventually(WAIT, || t.sandbox.is_active(&fixed) == Some(false)).await,
+        "written once the address is inside the org's domains"
+    );
+    assert!(
+        eventually_async(WAIT, || async {
+            store.conflicts().await.unwrap().is_empty()
+        })
+        .await,
+        "the settled conflict left the list: {:?}",
+        store.conflicts().await.unwrap()
+    );
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn an_address_in_an_accepted_domain_is_written() {
     let t = TestApp::start_with("id-accepted", Options::default(), |c| {
@@ -435,7 +488,7 @@ async fn an_address_in_an_accepted_domain_is_written() {
 
 /// A configuration file for the real binary's store commands: the sandbox's state store and
 /// tenant (the rest only has to be valid).
-fn cli_config(t: &TestApp) -> std::path::PathBuf {
+pub(crate) fn cli_config(t: &TestApp) -> std::path::PathBuf {
     let c = &t.app.config;
     let path = t.sandbox.dir.join("flagrelay-cli.toml");
     std::fs::write(

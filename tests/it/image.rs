@@ -92,7 +92,7 @@ fn manifest_targets(manifest: &str) -> Vec<PathBuf> {
 }
 
 /// Every repository file the compiler read for the library, from the newest dep-info file
-/// of the library in this test run's target directory.
+/// of the library (not of its unit tests) in this test run's target directory.
 fn files_the_library_build_read() -> Vec<PathBuf> {
     let deps = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .parent()
@@ -112,6 +112,16 @@ fn files_the_library_build_read() -> Vec<PathBuf> {
         .filter_map(|p| {
             let text = std::fs::read_to_string(&p).ok()?;
             text.lines().any(|l| l == "src/lib.rs:").then_some(())?;
+            // The library itself (`libflagrelay-….rlib`/`.rmeta`), not its unit-test build
+            // (an executable `flagrelay-…`), which also reads test-only files such as the
+            // schemas its tests `include_str!`.
+            text.lines()
+                .any(|l| {
+                    l.split(": ")
+                        .next()
+                        .is_some_and(|out| out.contains("/libflagrelay-"))
+                })
+                .then_some(())?;
             Some((std::fs::metadata(&p).ok()?.modified().ok()?, text))
         })
         .max_by_key(|(at, _)| *at)

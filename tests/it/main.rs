@@ -11,6 +11,7 @@ mod contracts;
 mod deployment;
 mod faults;
 mod fleet;
+mod history;
 mod hostile;
 mod identity;
 mod ids;

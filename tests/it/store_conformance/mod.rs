@@ -420,6 +420,14 @@ async fn a_corrupt_sqlite_file_is_an_error_not_an_empty_store() {
     let len = std::fs::metadata(&file).unwrap().len() as usize;
     let garbage: Vec<u8> = (0..len.max(4096)).map(|i| (i * 7 + 13) as u8).collect();
     std::fs::write(&file, garbage).unwrap();
+    // A bad restore brings the main file alone: without this, SQLite may read every page
+    // (header included) from a write-ahead log the closed pool left behind.
+    for suffix in ["-wal", "-shm"] {
+        let side = dir
+            .path()
+            .join(format!("{}{suffix}", flagrelay::store::sql::SQLITE_FILE));
+        let _ = std::fs::remove_file(side);
+    }
 
     match SqlStore::sqlite(dir.path(), &StateConfig::default()).await {
         Err(e) => assert!(
