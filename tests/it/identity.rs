@@ -405,47 +405,57 @@ async fn an_address_outside_the_org_domains_is_refused() {
     t.stop().await;
 }
 
-/// A conflict the directory itself resolves (the address is corrected, the next evaluation
-/// writes) leaves the operator's list: only what still waits for a decision is listed.
+/// A conflict the directory itself resolves leaves the operator's list: a bound mailbox is
+/// renamed (held as `address_changed`), then the rename is undone; the next evaluation
+/// writes to the bound address again (no new binding is made, so only the worker's own
+/// bookkeeping can clear it) and nothing is left waiting for a decision.
 #[tokio::test]
 async fn a_conflict_the_directory_resolves_leaves_the_operators_list() {
     let t = TestApp::start("id-resolved", Options::default()).await;
     let mut capture = Capture::start(&t, "events", "decision.#").await;
-    let bob = partner_user(&t);
-    conflict_event(&mut capture, &bob.id).await;
-    let store = t.app.store().await.unwrap();
-    assert_eq!(
-        store.conflicts().await.unwrap().len(),
-        1,
-        "listed while it waits"
-    );
-    let fixed = SeededUser {
-        address: format!("bob@{ORG}"),
-        ..bob.clone()
-    };
+    let alice = t.sandbox.seed_user("alice", true, "end_user");
+    bind_by_two_writes(&t, &alice).await;
+    let renamed = format!("alice.smith@{ORG}");
     t.sandbox
         .proofpoint
         .upsert_user(
             ORG,
             PpUser {
-                primary_email: fixed.address.clone(),
+                primary_email: renamed.clone(),
                 user_type: Some("end_user".into()),
                 is_active: true,
                 other: Default::default(),
             },
         )
         .unwrap();
+    // Renamed, and sign-in blocked in the same change: a write, held for the new address.
     t.sandbox
         .graph
-        .update_user(TENANT, &bob.id, |u| {
-            u.mail = Some(fixed.address.clone());
-            u.user_principal_name = Some(fixed.address.clone());
-            u.proxy_addresses = Some(vec![format!("SMTP:{}", fixed.address)]);
+        .update_user(TENANT, &alice.id, |u| {
+            u.mail = Some(renamed.clone());
+            u.proxy_addresses = Some(vec![format!("SMTP:{renamed}")]);
+            u.account_enabled = Some(false);
+        })
+        .unwrap();
+    let event = conflict_event(&mut capture, &alice.id).await;
+    assert!(event.reason.starts_with("address_changed"), "{event:?}");
+    let store = t.app.store().await.unwrap();
+    assert_eq!(
+        store.conflicts().await.unwrap().len(),
+        1,
+        "listed while it waits"
+    );
+    // The rename is undone: the deactivation goes to the bound address.
+    t.sandbox
+        .graph
+        .update_user(TENANT, &alice.id, |u| {
+            u.mail = Some(alice.address.clone());
+            u.proxy_addresses = Some(vec![format!("SMTP:{}", alice.address)]);
         })
         .unwrap();
     assert!(
-        eventually(WAIT, || t.sandbox.is_active(&fixed) == Some(false)).await,
-        "written once the address is inside the org's domains"
+        eventually(WAIT, || t.sandbox.is_active(&alice) == Some(false)).await,
+        "written to the bound address once the rename is undone"
     );
     assert!(
         eventually_async(WAIT, || async {
