@@ -187,6 +187,21 @@ impl Sandbox {
         }
     }
 
+    /// An active `end_user` with `address` in `org`'s Proofpoint only (Graph untouched).
+    pub fn add_proofpoint_user(&self, org: &str, address: &str) {
+        self.proofpoint
+            .upsert_user(
+                org,
+                PpUser {
+                    primary_email: address.to_owned(),
+                    user_type: Some("end_user".into()),
+                    is_active: true,
+                    other: Default::default(),
+                },
+            )
+            .expect("the org exists and the user is well-formed");
+    }
+
     /// Mark a seeded user as a leaver (leave date in the past).
     pub fn make_leaver(&self, user: &SeededUser, days_ago: i64) {
         self.graph

@@ -16,22 +16,7 @@ use crate::support::{Options, TENANT, TestApp, eventually_async};
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn history_cli(t: &TestApp, args: &[&str]) -> String {
-    let config = crate::identity::cli_config(t);
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flagrelay"))
-        .args(["--config", config.to_str().unwrap(), "history"])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "flagrelay history {args:?}: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    crate::identity::flagrelay_cli(t, &[&["history"], args].concat()).await
 }
 
 /// An entry as another worker process (on another host) would have stored it.

@@ -17,7 +17,6 @@ use std::time::Duration;
 use flagrelay::graph::GraphUser;
 use flagrelay::ids::{TenantId, UserId};
 use flagrelay::message::{self, Message, UserOutcome};
-use flagrelay::proofpoint::PpUser;
 use flagrelay::sim::sandbox::SeededUser;
 use flagrelay::telemetry::Metrics;
 use secrecy::ExposeSecret;
@@ -349,18 +348,7 @@ async fn a_mail_takeover_of_a_bound_address_is_refused_from_the_binding_alone() 
 /// with sign-in blocked in Graph: the mirror policy wants a deactivation.
 fn partner_user(t: &TestApp) -> SeededUser {
     let address = "bob@partner.test".to_owned();
-    t.sandbox
-        .proofpoint
-        .upsert_user(
-            ORG,
-            PpUser {
-                primary_email: address.clone(),
-                user_type: Some("end_user".into()),
-                is_active: true,
-                other: Default::default(),
-            },
-        )
-        .unwrap();
+    t.sandbox.add_proofpoint_user(ORG, &address);
     let id = uuid::Uuid::new_v4().to_string();
     t.sandbox
         .graph
@@ -416,18 +404,7 @@ async fn a_conflict_the_directory_resolves_leaves_the_operators_list() {
     let alice = t.sandbox.seed_user("alice", true, "end_user");
     bind_by_two_writes(&t, &alice).await;
     let renamed = format!("alice.smith@{ORG}");
-    t.sandbox
-        .proofpoint
-        .upsert_user(
-            ORG,
-            PpUser {
-                primary_email: renamed.clone(),
-                user_type: Some("end_user".into()),
-                is_active: true,
-                other: Default::default(),
-            },
-        )
-        .unwrap();
+    t.sandbox.add_proofpoint_user(ORG, &renamed);
     // Renamed, and sign-in blocked in the same change: a write, held for the new address.
     t.sandbox
         .graph
@@ -533,11 +510,12 @@ org_domain = "{ORG}"
     path
 }
 
-/// `flagrelay --config <cli_config> identity <args>`: stdout, after checking it succeeded.
-async fn identity_cli(t: &TestApp, args: &[&str]) -> String {
+/// `flagrelay --config <cli_config> <args>` (the real binary): stdout, after checking it
+/// succeeded.
+pub(crate) async fn flagrelay_cli(t: &TestApp, args: &[&str]) -> String {
     let config = cli_config(t);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flagrelay"))
-        .args(["--config", config.to_str().unwrap(), "identity"])
+        .args(["--config", config.to_str().unwrap()])
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
@@ -546,11 +524,15 @@ async fn identity_cli(t: &TestApp, args: &[&str]) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "flagrelay identity {args:?}: {}\n{stdout}\n{}",
+        "flagrelay {args:?}: {}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+async fn identity_cli(t: &TestApp, args: &[&str]) -> String {
+    flagrelay_cli(t, &[&["identity"], args].concat()).await
 }
 
 #[tokio::test]
@@ -565,18 +547,7 @@ async fn a_changed_primary_address_is_held_until_an_operator_accepts_it() {
         address: format!("alice.smith@{ORG}"),
         ..alice.clone()
     };
-    t.sandbox
-        .proofpoint
-        .upsert_user(
-            ORG,
-            PpUser {
-                primary_email: renamed.address.clone(),
-                user_type: Some("end_user".into()),
-                is_active: true,
-                other: Default::default(),
-            },
-        )
-        .unwrap();
+    t.sandbox.add_proofpoint_user(ORG, &renamed.address);
     t.sandbox
         .graph
         .update_user(TENANT, &alice.id, |u| {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use flagrelay::graph::GraphUser;
 use flagrelay::message::Message;
-use flagrelay::proofpoint::PpUser;
 use flagrelay::reconciler::Reconciler;
 use flagrelay::sim::sandbox::SeededUser;
 use flagrelay::telemetry::Metrics;
@@ -86,18 +85,7 @@ async fn one_user_however_named_is_one_shard_one_lock_and_one_store_row() {
         tenant_id: TENANT_B.into(),
         org: ORG_B.into(),
     };
-    t.sandbox
-        .proofpoint
-        .upsert_user(
-            ORG_B,
-            PpUser {
-                primary_email: address.clone(),
-                user_type: Some("end_user".into()),
-                is_active: true,
-                other: Default::default(),
-            },
-        )
-        .unwrap();
+    t.sandbox.add_proofpoint_user(ORG_B, &address);
     t.sandbox
         .graph
         .upsert_user(
