@@ -74,8 +74,14 @@ impl UserFilter {
     }
 }
 
+/// Graph's string equality here ignores case. Without allocating in the common (ASCII)
+/// case: a lookup scans the whole tenant under the simulator's lock.
 fn same(a: &str, b: &str) -> bool {
-    a.to_lowercase() == b.to_lowercase()
+    if a.is_ascii() && b.is_ascii() {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a.to_lowercase() == b.to_lowercase()
+    }
 }
 
 /// A position in the filter text.
