@@ -46,6 +46,11 @@ pub(super) enum Pool {
     Postgres(PgPool),
 }
 
+/// SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock for now.
+fn sqlite_busy(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6")))
+}
+
 /// The state store on a SQL database.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
@@ -81,15 +86,31 @@ impl SqlStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(config.acquire_timeout)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Database {
-                backend: "sqlite",
-                source,
-            })?;
+        // Switching a fresh file to WAL needs it to itself: a process starting at the same
+        // moment gets SQLITE_BUSY at once (the busy timeout does not cover that switch), so
+        // a busy start tries again; any other error (a corrupt file) is final.
+        let mut attempts = 0u64;
+        let pool = loop {
+            let connected = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(config.acquire_timeout)
+                .connect_with(options.clone())
+                .await;
+            match connected {
+                Ok(pool) => break pool,
+                Err(e) if attempts < 20 && sqlite_busy(&e) => {
+                    attempts += 1;
+                    tracing::debug!(error = %e, attempts, "SQLite busy at start; again");
+                    tokio::time::sleep(Duration::from_millis(25 * attempts)).await;
+                }
+                Err(source) => {
+                    return Err(StoreError::Database {
+                        backend: "sqlite",
+                        source,
+                    });
+                }
+            }
+        };
         let store = Self {
             pool: Pool::Sqlite(pool),
         };

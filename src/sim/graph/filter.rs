@@ -18,6 +18,8 @@
 //! `400 Request_UnsupportedQuery`. Real Graph accepts much of the latter (e.g.
 //! `startswith(mail,'a')`); the simulator is stricter on purpose, never more lenient.
 
+use std::collections::{BTreeSet, HashMap};
+
 use axum::http::StatusCode;
 
 use super::api::ApiError;
@@ -76,6 +78,52 @@ impl UserFilter {
 
 /// Graph's string equality here ignores case. Without allocating in the common (ASCII)
 /// case: a lookup scans the whole tenant under the simulator's lock.
+/// Lower-cased `mail`, `userPrincipalName` and whole `proxyAddresses` entries → the keys of
+/// the users holding them: a filter looks its values up here instead of scanning the
+/// tenant under the simulator's lock (real Graph answers these filters from an index too).
+/// The candidates are then checked with [`UserFilter::matches`], so the answer is the scan's.
+#[derive(Debug, Default)]
+pub(super) struct AddressIndex(HashMap<String, BTreeSet<String>>);
+
+impl AddressIndex {
+    fn terms(user: &GraphUser) -> impl Iterator<Item = String> + '_ {
+        user.mail
+            .iter()
+            .chain(user.user_principal_name.iter())
+            .chain(user.proxy_addresses.iter().flatten())
+            .map(|t| t.to_lowercase())
+    }
+
+    /// `key`'s user changed from `before` to `after` (`None`: absent).
+    pub fn replace(&mut self, key: &str, before: Option<&GraphUser>, after: Option<&GraphUser>) {
+        for term in before.into_iter().flat_map(Self::terms) {
+            if let Some(keys) = self.0.get_mut(&term) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.0.remove(&term);
+                }
+            }
+        }
+        for term in after.into_iter().flat_map(Self::terms) {
+            self.0.entry(term).or_default().insert(key.to_owned());
+        }
+    }
+
+    /// The keys of every user that may match `filter`, in key order (as a scan finds them).
+    pub fn candidates(&self, filter: &UserFilter) -> BTreeSet<String> {
+        filter
+            .clauses
+            .iter()
+            .map(|c| match c {
+                Clause::Mail(v) | Clause::UserPrincipalName(v) | Clause::ProxyAddress(v) => v,
+            })
+            .filter_map(|v| self.0.get(&v.to_lowercase()))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
 fn same(a: &str, b: &str) -> bool {
     if a.is_ascii() && b.is_ascii() {
         a.eq_ignore_ascii_case(b)
@@ -281,6 +329,94 @@ mod tests {
             Err(e) => format!("{} {}", e.status.as_u16(), e.code),
         };
         assert_eq!(got, want, "{text}");
+    }
+
+    fn user(id: &str, mail: &str, proxies: &[&str]) -> GraphUser {
+        GraphUser {
+            id: id.into(),
+            mail: Some(mail.into()),
+            user_principal_name: Some(format!("{id}@x.com")),
+            proxy_addresses: Some(proxies.iter().map(|p| (*p).to_owned()).collect()),
+            ..GraphUser::default()
+        }
+    }
+
+    /// The index finds what a scan finds, through inserts, changes and removals.
+    #[test]
+    fn the_address_index_answers_as_a_scan_would() {
+        let mut users = std::collections::BTreeMap::new();
+        let mut index = AddressIndex::default();
+        let put = |users: &mut std::collections::BTreeMap<String, GraphUser>,
+                   index: &mut AddressIndex,
+                   u: Option<GraphUser>,
+                   key: &str| {
+            let before = match &u {
+                Some(u) => users.insert(key.to_owned(), u.clone()),
+                None => users.remove(key),
+            };
+            index.replace(key, before.as_ref(), u.as_ref());
+        };
+        put(
+            &mut users,
+            &mut index,
+            Some(user("a", "Shared@X.com", &["SMTP:a@x.com"])),
+            "a",
+        );
+        put(
+            &mut users,
+            &mut index,
+            Some(user("b", "b@x.com", &["smtp:shared@x.com"])),
+            "b",
+        );
+        put(
+            &mut users,
+            &mut index,
+            Some(user("c", "c@x.com", &["SMTP:c@x.com"])),
+            "c",
+        );
+        put(
+            &mut users,
+            &mut index,
+            Some(user("c", "shared@x.com", &[])),
+            "c",
+        );
+        put(&mut users, &mut index, None, "a");
+        put(
+            &mut users,
+            &mut index,
+            Some(user("d", "ÄRGER@x.com", &[])),
+            "d",
+        );
+        for text in [
+            "mail eq 'shared@x.com' or proxyAddresses/any(p:p eq 'smtp:shared@x.com')",
+            "mail eq 'SHARED@x.com'",
+            "proxyAddresses/any(p:p eq 'SMTP:c@x.com')",
+            "userPrincipalName eq 'A@X.COM' or mail eq 'c@x.com'",
+            "mail eq 'ärger@x.com'",
+        ] {
+            let f = UserFilter::parse(text).unwrap();
+            let scan: Vec<&str> = users
+                .values()
+                .filter(|u| f.matches(u))
+                .map(|u| u.id.as_str())
+                .collect();
+            let indexed: Vec<&str> = index
+                .candidates(&f)
+                .iter()
+                .filter_map(|k| users.get(k))
+                .filter(|u| f.matches(u))
+                .map(|u| u.id.as_str())
+                .collect();
+            assert_eq!(indexed, scan, "{text}");
+        }
+        let f = UserFilter::parse(
+            "mail eq 'shared@x.com' or proxyAddresses/any(p:p eq 'smtp:shared@x.com')",
+        )
+        .unwrap();
+        assert_eq!(
+            index.candidates(&f).into_iter().collect::<Vec<_>>(),
+            ["b", "c"]
+        );
     }
 
     #[test]

@@ -188,6 +188,8 @@ struct Tenant {
     id: String,
     /// Keyed by lower-cased user id.
     users: BTreeMap<String, GraphUser>,
+    /// The users' addresses, for `$filter` (kept in step with `users` by every change).
+    addresses: filter::AddressIndex,
     subscriptions: BTreeMap<String, SimSubscription>,
     /// Service principal id per app id: the `creatorId` of app-only subscriptions and the
     /// `oid` of the app's tokens.
@@ -319,6 +321,7 @@ impl GraphSim {
             .or_insert_with(|| Tenant {
                 id: tenant_id.to_owned(),
                 users: BTreeMap::new(),
+                addresses: filter::AddressIndex::default(),
                 subscriptions: BTreeMap::new(),
                 service_principals: HashMap::new(),
                 groups: BTreeMap::new(),
@@ -394,6 +397,7 @@ impl GraphSim {
         }
         let key = user_id.to_ascii_lowercase();
         let before = tenant.users.insert(key.clone(), user.clone());
+        tenant.addresses.replace(&key, before.as_ref(), Some(&user));
         tenant
             .delta
             .record_update(&key, &user_id, before.as_ref(), &user);
@@ -432,6 +436,7 @@ impl GraphSim {
         f(user);
         user.id = id.clone();
         let after = user.clone();
+        tenant.addresses.replace(&key, Some(&before), Some(&after));
         tenant.delta.record_update(&key, &id, Some(&before), &after);
         self.notify(&mut st, tenant_id, &id, Change::Updated);
         Ok(after)
@@ -449,6 +454,7 @@ impl GraphSim {
                 tenant_id: tenant_id.to_owned(),
                 user_id: user_id.to_owned(),
             })?;
+        tenant.addresses.replace(&key, Some(&removed), None);
         tenant.forget_user(&key);
         tenant
             .delta
@@ -472,6 +478,7 @@ impl GraphSim {
                 tenant_id: tenant_id.to_owned(),
                 user_id: user_id.to_owned(),
             })?;
+        tenant.addresses.replace(&key, Some(&removed), None);
         tenant.forget_user(&key);
         tenant
             .delta

@@ -73,14 +73,18 @@ fn serve(
     let base = api_base(headers);
     let st = sim.state();
     let page_size = top.min(st.settings.users_page_size.max(1));
-    let matching: Vec<_> = st
-        .tenants
-        .get(tenant_key)
-        .map(|t| t.users.values())
-        .into_iter()
-        .flatten()
-        .filter(|u| filter.as_ref().is_none_or(|f| f.matches(u)))
-        .collect();
+    let matching: Vec<_> = match (st.tenants.get(tenant_key), &filter) {
+        (None, _) => Vec::new(),
+        (Some(t), None) => t.users.values().collect(),
+        // Looked up by value, then checked clause by clause: what a scan would find.
+        (Some(t), Some(f)) => t
+            .addresses
+            .candidates(f)
+            .iter()
+            .filter_map(|key| t.users.get(key))
+            .filter(|u| f.matches(u))
+            .collect(),
+    };
     let value = matching
         .iter()
         .skip(skip)
