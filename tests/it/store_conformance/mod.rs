@@ -417,6 +417,17 @@ async fn a_corrupt_sqlite_file_is_an_error_not_an_empty_store() {
     store.close().await;
     drop(store);
     let file = dir.path().join(flagrelay::store::sql::SQLITE_FILE);
+    // SQLite's last close checkpoints the log into the file and deletes it, on sqlx's
+    // connection threads, after `close` returned: wait for that, or it would write valid
+    // pages over the garbage below.
+    let wal = dir
+        .path()
+        .join(format!("{}-wal", flagrelay::store::sql::SQLITE_FILE));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while wal.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let len = std::fs::metadata(&file).unwrap().len() as usize;
     let garbage: Vec<u8> = (0..len.max(4096)).map(|i| (i * 7 + 13) as u8).collect();
     std::fs::write(&file, garbage).unwrap();
