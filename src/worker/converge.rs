@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::outcome::{Detail, Outcome};
 use super::{Org, Worker};
 use crate::evaluation::apply::{Applied, ApplyError, Effects, apply};
-use crate::evaluation::gather::{GatherError, gather};
+use crate::evaluation::gather::{GatherError, Gathered, gather};
 use crate::evaluation::{Evaluation, decide};
 use crate::graph::GraphError;
 use crate::identity::IdentityConflict;
@@ -193,8 +193,7 @@ impl Worker {
         {
             return store_failure(e);
         }
-        let mut detail = detail_of(&eval, &g.address, g.proofpoint.is_active, g.exempt);
-        detail.upn = g.user.user_principal_name.clone();
+        let mut detail = detail_of(&eval, &g);
         let total = if eval.plan.deactivates() {
             self.org_size(&org.access).await
         } else {
@@ -316,9 +315,11 @@ impl Worker {
 }
 
 /// What the outcome event and the history tell about an evaluation.
-fn detail_of(eval: &Evaluation, address: &str, active: bool, exempt: Option<bool>) -> Detail {
+fn detail_of(eval: &Evaluation, g: &Gathered) -> Detail {
+    let (active, exempt) = (g.proofpoint.is_active, g.exempt);
     Detail {
-        address: Some(address.to_owned()),
+        address: Some(g.address.clone()),
+        upn: g.user.user_principal_name.clone(),
         action: Some(eval.decision.action.as_str().to_owned()),
         reason: format!("{}: {}", eval.decision.rule, eval.decision.reason),
         rule: Some(eval.decision.rule.clone()),
@@ -333,7 +334,6 @@ fn detail_of(eval: &Evaluation, address: &str, active: bool, exempt: Option<bool
             exempt
         },
         writes: Vec::new(),
-        upn: None,
     }
 }
 
